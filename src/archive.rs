@@ -1,0 +1,533 @@
+//! On-disk state: the scan cache and the agreed state of each pair, in one checked
+//! container format.
+//!
+//! A state file is `MAGIC, kind, format version, header, entry count, entries…,
+//! blake3 of all of that`. It is written atomically (temp, fsync, rename) and read as
+//! a stream, so a 100,000-entry state never needs a second copy in memory. Any doubt —
+//! missing, truncated, wrong checksum, another format version — is a [`StateError`],
+//! and every caller treats that as "no agreed state": nothing is ever deleted on the
+//! strength of a state file we could not fully verify.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bincode::{Decode, Encode};
+
+use crate::relpath::RelPath;
+use crate::version::{Hash, Version};
+
+const MAGIC: &[u8; 14] = b"hubsync-state\n";
+/// Bumped whenever the encoding of any state file changes.
+pub const FORMAT_VERSION: u32 = 1;
+const KIND_SCAN_CACHE: u8 = 1;
+const KIND_PAIR: u8 = 2;
+/// No single header or entry is larger than this; a corrupt length prefix cannot make
+/// us allocate more.
+const MAX_ITEM: usize = 16 << 20;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_ITEM>()
+}
+
+/// Why a state file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{}: no state file yet", .path.display())]
+    Missing { path: PathBuf },
+    #[error(
+        "{}: written in state format {found}, this hubsync reads format {expected}",
+        .path.display()
+    )]
+    Foreign {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{}: corrupt state file ({why})", .path.display())]
+    Corrupt { path: PathBuf, why: String },
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A random replica identity, kept in `.hubsync/replica-id`. A replica that lost its
+/// state directory gets a new one, which makes every hub treat it as a first sync.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub struct ReplicaId(pub [u8; 16]);
+
+impl ReplicaId {
+    pub fn random() -> ReplicaId {
+        let mut b = [0u8; 16];
+        crate::util::random_bytes(&mut b);
+        ReplicaId(b)
+    }
+    pub fn hex(&self) -> String {
+        crate::util::hex(&self.0)
+    }
+    fn parse(s: &str) -> Option<ReplicaId> {
+        let s = s.trim();
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for (i, out) in b.iter_mut().enumerate() {
+            *out = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(ReplicaId(b))
+    }
+
+    /// Reads the id of the replica whose state lives in `state_dir`, creating one if
+    /// there is none (unless `create` is false). Returns the id and a warning when an
+    /// unreadable id had to be replaced.
+    pub fn load(state_dir: &Path, create: bool) -> io::Result<(Option<ReplicaId>, Option<String>)> {
+        let path = state_dir.join("replica-id");
+        let mut warning = None;
+        match std::fs::read_to_string(&path) {
+            Ok(s) => match ReplicaId::parse(&s) {
+                Some(id) => return Ok((Some(id), None)),
+                None => {
+                    warning = Some(format!(
+                        "{}: unreadable replica id, making a new one (this replica will be treated as new by every hub)",
+                        path.display()
+                    ))
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if !create {
+            return Ok((None, warning));
+        }
+        let id = ReplicaId::random();
+        crate::util::write_atomic(&path, |f| writeln!(f, "{}", id.hex()))?;
+        Ok((Some(id), warning))
+    }
+}
+
+impl std::fmt::Debug for ReplicaId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", &self.hex()[..8])
+    }
+}
+
+/// Identifies one agreed state: both copies of a pair's state carry the same token
+/// exactly when they hold the same entries.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Encode, Decode)]
+pub struct Token {
+    pub generation: u64,
+    pub digest: Hash,
+}
+
+/// The last state both sides of a pair (hub, peer) agreed on: what both held after
+/// the last run that applied to the pair. Sorted by path.
+#[derive(Clone, Debug)]
+pub struct Agreed {
+    pub peer_replica: ReplicaId,
+    pub token: Token,
+    entries: Vec<(RelPath, Version)>,
+}
+
+#[derive(Encode, Decode)]
+struct PairHeader {
+    peer_replica: ReplicaId,
+    label: String,
+    token: Token,
+}
+
+impl Agreed {
+    /// An empty agreed state (a first sync): nothing agreed yet.
+    pub fn new(peer_replica: ReplicaId, entries: Vec<(RelPath, Version)>) -> Agreed {
+        let mut a = Agreed {
+            peer_replica,
+            token: Token {
+                generation: 0,
+                digest: Hash([0; 32]),
+            },
+            entries,
+        };
+        a.entries.sort_by(|x, y| x.0.cmp(&y.0));
+        a.entries.dedup_by(|x, y| x.0 == y.0);
+        a.token = Token {
+            generation: crate::util::random_u64(),
+            digest: a.digest(),
+        };
+        a
+    }
+
+    pub fn entries(&self) -> &[(RelPath, Version)] {
+        &self.entries
+    }
+
+    pub fn get(&self, path: &RelPath) -> Option<&Version> {
+        self.entries
+            .binary_search_by(|e| e.0.cmp(path))
+            .ok()
+            .map(|i| &self.entries[i].1)
+    }
+
+    pub fn files(&self) -> usize {
+        self.entries.iter().filter(|e| !e.1.is_dir()).count()
+    }
+
+    /// Applies `changes` (sorted by path; `None` removes) and gives the result a new
+    /// token.
+    pub fn apply(&mut self, changes: &[(RelPath, Option<Version>)]) {
+        if changes.is_empty() {
+            return;
+        }
+        let old = std::mem::take(&mut self.entries);
+        let mut out = Vec::with_capacity(old.len() + changes.len());
+        let mut ch = changes.iter().peekable();
+        for (p, v) in old {
+            while let Some((cp, cv)) = ch.next_if(|c| c.0 < p) {
+                if let Some(cv) = cv {
+                    out.push((cp.clone(), cv.clone()));
+                }
+            }
+            match ch.next_if(|c| c.0 == p) {
+                Some((_, Some(cv))) => out.push((p, cv.clone())),
+                Some((_, None)) => {}
+                None => out.push((p, v)),
+            }
+        }
+        for (cp, cv) in ch {
+            if let Some(cv) = cv {
+                out.push((cp.clone(), cv.clone()));
+            }
+        }
+        self.entries = out;
+        self.token = Token {
+            generation: crate::util::random_u64(),
+            digest: self.digest(),
+        };
+    }
+
+    /// A digest of the entries, in order; equal digests mean equal states.
+    pub fn digest(&self) -> Hash {
+        let mut h = blake3::Hasher::new();
+        let mut buf = Vec::with_capacity(256);
+        for e in &self.entries {
+            buf.clear();
+            let _ = bincode::encode_into_std_write(e, &mut buf, config());
+            h.update(&(buf.len() as u32).to_le_bytes());
+            h.update(&buf);
+        }
+        Hash(*h.finalize().as_bytes())
+    }
+
+    /// Reads a pair state written by [`Agreed::save`].
+    pub fn load(path: &Path) -> Result<Agreed, StateError> {
+        let mut entries = Vec::new();
+        let mut last: Option<RelPath> = None;
+        let header: PairHeader = read_container(path, KIND_PAIR, |e: (RelPath, Version)| {
+            if last.as_ref().is_some_and(|l| *l >= e.0) {
+                return Err("entries out of order".to_string());
+            }
+            last = Some(e.0.clone());
+            entries.push(e);
+            Ok(())
+        })?;
+        Ok(Agreed {
+            peer_replica: header.peer_replica,
+            token: header.token,
+            entries,
+        })
+    }
+
+    pub fn save(&self, path: &Path, label: &str) -> io::Result<()> {
+        let header = PairHeader {
+            peer_replica: self.peer_replica,
+            label: label.to_string(),
+            token: self.token,
+        };
+        write_container(path, KIND_PAIR, &header, self.entries.iter())
+    }
+}
+
+/// What the scan remembers about a file so that an unchanged one is not read again.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct CacheEntry {
+    pub path: RelPath,
+    pub version: Version,
+    pub stat: crate::scan::StatKey,
+    /// False when the file changed so recently that a further write within the same
+    /// timestamp tick could go unseen ("racy clean" in git's words); such an entry is
+    /// hashed again next time whatever its stat says.
+    pub trusted: bool,
+}
+
+#[derive(Encode, Decode)]
+struct CacheHeader {
+    root: String,
+}
+
+pub fn load_scan_cache(path: &Path) -> Result<Vec<CacheEntry>, StateError> {
+    let mut entries: Vec<CacheEntry> = Vec::new();
+    read_container(path, KIND_SCAN_CACHE, |e: CacheEntry| {
+        if entries.last().is_some_and(|l| l.path >= e.path) {
+            return Err("entries out of order".to_string());
+        }
+        entries.push(e);
+        Ok(())
+    })
+    .map(|_: CacheHeader| entries)
+}
+
+pub fn save_scan_cache(path: &Path, root: &Path, entries: &[CacheEntry]) -> io::Result<()> {
+    let header = CacheHeader {
+        root: root.display().to_string(),
+    };
+    write_container(path, KIND_SCAN_CACHE, &header, entries.iter())
+}
+
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct HashingReader<R: Read> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn write_container<'a, H: Encode, E: Encode + 'a>(
+    path: &Path,
+    kind: u8,
+    header: &H,
+    entries: impl ExactSizeIterator<Item = &'a E>,
+) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let to_io = |e: bincode::error::EncodeError| io::Error::other(e.to_string());
+    crate::util::write_atomic(path, |f| {
+        let mut w = HashingWriter {
+            inner: BufWriter::with_capacity(256 << 10, f),
+            hasher: blake3::Hasher::new(),
+        };
+        w.write_all(MAGIC)?;
+        w.write_all(&[kind])?;
+        w.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        bincode::encode_into_std_write(header, &mut w, config()).map_err(to_io)?;
+        w.write_all(&(entries.len() as u64).to_le_bytes())?;
+        for e in entries {
+            bincode::encode_into_std_write(e, &mut w, config()).map_err(to_io)?;
+        }
+        let sum = w.hasher.finalize();
+        w.inner.write_all(sum.as_bytes())?;
+        w.inner.flush()
+    })
+}
+
+fn read_container<H: Decode<()>, E: Decode<()>>(
+    path: &Path,
+    kind: u8,
+    mut each: impl FnMut(E) -> Result<(), String>,
+) -> Result<H, StateError> {
+    let corrupt = |why: String| StateError::Corrupt {
+        path: path.to_path_buf(),
+        why,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(StateError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(source) => {
+            return Err(StateError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut r = HashingReader {
+        inner: BufReader::with_capacity(256 << 10, file),
+        hasher: blake3::Hasher::new(),
+    };
+    let mut magic = [0u8; 14];
+    let mut k = [0u8; 1];
+    let mut ver = [0u8; 4];
+    r.read_exact(&mut magic)
+        .and_then(|_| r.read_exact(&mut k))
+        .and_then(|_| r.read_exact(&mut ver))
+        .map_err(|e| corrupt(format!("short header: {e}")))?;
+    if &magic != MAGIC {
+        return Err(corrupt("not a hubsync state file".into()));
+    }
+    let found = u32::from_le_bytes(ver);
+    if found != FORMAT_VERSION {
+        return Err(StateError::Foreign {
+            path: path.to_path_buf(),
+            found,
+            expected: FORMAT_VERSION,
+        });
+    }
+    if k[0] != kind {
+        return Err(corrupt(format!(
+            "holds state of kind {}, expected {kind}",
+            k[0]
+        )));
+    }
+    let header: H = bincode::decode_from_std_read(&mut r, config())
+        .map_err(|e| corrupt(format!("header: {e}")))?;
+    let mut n = [0u8; 8];
+    r.read_exact(&mut n)
+        .map_err(|e| corrupt(format!("entry count: {e}")))?;
+    let n = u64::from_le_bytes(n);
+    for i in 0..n {
+        let e: E = bincode::decode_from_std_read(&mut r, config())
+            .map_err(|e| corrupt(format!("entry {i} of {n}: {e}")))?;
+        each(e).map_err(|why| corrupt(format!("entry {i}: {why}")))?;
+    }
+    let computed = r.hasher.finalize();
+    let mut sum = [0u8; 32];
+    r.inner
+        .read_exact(&mut sum)
+        .map_err(|e| corrupt(format!("checksum: {e}")))?;
+    if sum != *computed.as_bytes() {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let mut extra = [0u8; 1];
+    if r.inner
+        .read(&mut extra)
+        .map_err(|e| corrupt(e.to_string()))?
+        != 0
+    {
+        return Err(corrupt("trailing bytes after checksum".into()));
+    }
+    Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::{Kind, Mtime};
+
+    fn v(n: u8) -> Version {
+        Version {
+            kind: Kind::File {
+                size: n as u64,
+                hash: Hash([n; 32]),
+            },
+            mode: 0o644,
+            mtime: Mtime::new(n as i64, 7),
+            uid: 0,
+            gid: 0,
+        }
+    }
+    fn rp(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn sample() -> Agreed {
+        Agreed::new(
+            ReplicaId([1; 16]),
+            vec![(rp("b"), v(2)), (rp("a"), v(1)), (rp("c/d"), v(3))],
+        )
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pair.state");
+        let a = sample();
+        a.save(&p, "peer").unwrap();
+        let b = Agreed::load(&p).unwrap();
+        assert_eq!(a.entries, b.entries);
+        assert_eq!(a.token, b.token);
+        assert_eq!(b.digest(), a.token.digest);
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pair.state");
+        sample().save(&p, "peer").unwrap();
+        let good = std::fs::read(&p).unwrap();
+        for len in 0..good.len() {
+            std::fs::write(&p, &good[..len]).unwrap();
+            assert!(Agreed::load(&p).is_err(), "truncated at {len} accepted");
+        }
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x40;
+            std::fs::write(&p, &bad).unwrap();
+            assert!(Agreed::load(&p).is_err(), "flip at {i} accepted");
+        }
+        std::fs::write(&p, vec![0u8; good.len()]).unwrap();
+        assert!(matches!(Agreed::load(&p), Err(StateError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn foreign_version_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pair.state");
+        sample().save(&p, "peer").unwrap();
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[15..19].copy_from_slice(&99u32.to_le_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let err = Agreed::load(&p).unwrap_err();
+        assert!(
+            matches!(err, StateError::Foreign { found: 99, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("format 99"));
+    }
+
+    #[test]
+    fn missing_is_distinct() {
+        let err = Agreed::load(Path::new("/nonexistent/x")).unwrap_err();
+        assert!(matches!(err, StateError::Missing { .. }));
+    }
+
+    #[test]
+    fn apply_merges_changes() {
+        let mut a = sample();
+        let before = a.token;
+        a.apply(&[
+            (rp("a"), None),
+            (rp("aa"), Some(v(9))),
+            (rp("c/d"), Some(v(4))),
+            (rp("z"), Some(v(5))),
+        ]);
+        let paths: Vec<_> = a.entries.iter().map(|e| e.0.to_string()).collect();
+        assert_eq!(paths, ["aa", "b", "c/d", "z"]);
+        assert_eq!(a.get(&rp("c/d")), Some(&v(4)));
+        assert_ne!(a.token, before);
+        assert_eq!(a.token.digest, a.digest());
+    }
+
+    #[test]
+    fn replica_id_survives_and_regenerates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, w) = ReplicaId::load(dir.path(), true).unwrap();
+        assert!(w.is_none());
+        let (b, _) = ReplicaId::load(dir.path(), true).unwrap();
+        assert_eq!(a, b);
+        std::fs::write(dir.path().join("replica-id"), "garbage").unwrap();
+        let (c, w) = ReplicaId::load(dir.path(), true).unwrap();
+        assert!(w.is_some());
+        assert_ne!(a, c);
+    }
+}

@@ -1,0 +1,17 @@
+//! hubsync: keep one directory tree identical on several servers.
+//!
+//! One run, as data flows (each box is a module):
+//! `lock` → `scan` (hub and every peer's `serve`, in parallel) → `reconcile` (pure)
+//! → `plan` → `apply` on each replica → agreed state saved (`archive`) → unlock.
+//! See ARCHITECTURE.md.
+
+pub mod archive;
+pub mod exclude;
+pub mod lock;
+pub mod plan;
+pub mod proto;
+pub mod reconcile;
+pub mod relpath;
+pub mod scan;
+pub mod util;
+pub mod version;

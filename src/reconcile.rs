@@ -1,0 +1,515 @@
+//! Reconciliation: from the scans of all replicas and each pair's agreed state, the
+//! plan. Pure: no I/O, no clock, deterministic output order.
+//!
+//! For each path (see `../shared/notes/reconcile.md` for the model):
+//! 1. A peer *changed* the path when its version differs from its pair's agreed state
+//!    (with no agreed state, being present counts as a change and being absent does
+//!    not, so nothing is ever deleted without an agreed state to prove it).
+//! 2. Nobody changed it: the hub's version stands (peers that missed a run catch up).
+//! 3. Otherwise the candidates are the changed peers' versions, plus the hub's if the
+//!    hub changed it relative to one of them. Equal candidates collapse; one left wins.
+//! 4. Several left is a conflict: present beats absent, then newest mtime, then the
+//!    greater content hash. A replica whose own change lost keeps it as a conflict copy.
+//!
+//! Directories follow their contents: a directory stays (or becomes one again) while
+//! anything below it is present, and anything whose state is unknown on some replica
+//! (being written, unreadable) pins its ancestors so that nothing is removed above it.
+//! The walk keeps a stack of open ancestors and settles each path once everything
+//! below it has been seen, which the depth-first order of `RelPath` makes possible in
+//! one pass.
+
+use crate::plan::{Action, HUB, Item, Plan, Reason, Rule};
+use crate::relpath::RelPath;
+use crate::version::{Entry, Kind, State, Version};
+
+/// A peer's scan as the hub received it.
+#[derive(Clone, Copy, Debug)]
+pub enum View<'a> {
+    /// Every present path.
+    Full(&'a [Entry]),
+    /// Only paths that differ from the pair's agreed state (which must be given).
+    Delta(&'a [Entry]),
+}
+
+/// One peer's contribution.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerInput<'a> {
+    /// `None`: the peer does not take part in this run (unreachable or refused).
+    pub view: Option<View<'a>>,
+    /// `None`: no agreed state for this pair (first sync, lost or corrupt state).
+    pub agreed: Option<&'a [(RelPath, Version)]>,
+}
+
+/// Everything reconciliation looks at.
+#[derive(Clone, Debug)]
+pub struct Input<'a> {
+    /// The hub's full scan.
+    pub hub: &'a [Entry],
+    pub peers: Vec<PeerInput<'a>>,
+}
+
+/// A replica's state at one path, borrowed from the input.
+#[derive(Clone, Copy, Debug)]
+enum St<'a> {
+    Absent,
+    Present(&'a Version),
+    Skip(&'a str),
+}
+
+impl<'a> St<'a> {
+    fn of(s: &'a State) -> St<'a> {
+        match s {
+            State::Absent => St::Absent,
+            State::Present(v) => St::Present(v),
+            State::Skip(w) => St::Skip(w),
+        }
+    }
+    fn version(self) -> Option<&'a Version> {
+        match self {
+            St::Present(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+fn same(a: Option<&Version>, b: Option<&Version>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.same(b),
+        _ => false,
+    }
+}
+
+/// One path as every replica sees it.
+struct Row<'a> {
+    path: &'a RelPath,
+    /// Index 0 is the hub; `None` for peers not taking part.
+    states: Vec<Option<St<'a>>>,
+    /// Per peer (index 0 unused): `None` = no agreed state; `Some(None)` = agreed absent.
+    agreed: Vec<Option<Option<&'a Version>>>,
+}
+
+/// A k-way merge of sorted entry lists by path.
+struct Cursor<'a, T> {
+    items: &'a [T],
+    pos: usize,
+}
+
+impl<'a, T> Cursor<'a, T> {
+    fn peek(&self, key: impl Fn(&'a T) -> &'a RelPath) -> Option<&'a RelPath> {
+        self.items.get(self.pos).map(key)
+    }
+    fn take_if(&mut self, path: &RelPath, key: impl Fn(&'a T) -> &'a RelPath) -> Option<&'a T> {
+        let item = self.items.get(self.pos)?;
+        if key(item) == path {
+            self.pos += 1;
+            Some(item)
+        } else {
+            None
+        }
+    }
+}
+
+fn entry_path(e: &Entry) -> &RelPath {
+    &e.path
+}
+fn agreed_path(e: &(RelPath, Version)) -> &RelPath {
+    &e.0
+}
+
+/// A path waiting on the ancestor stack until everything below it has been seen.
+struct Open<'a> {
+    path: &'a RelPath,
+    /// `None`: everything already agrees (then `present` says whether it exists).
+    decision: Option<Decision<'a>>,
+    present: bool,
+    /// Left alone this run, and so is everything below it.
+    skipping: bool,
+    present_below: bool,
+    skip_below: bool,
+}
+
+/// A path that needs more than "everything already agrees".
+struct Decision<'a> {
+    row: Row<'a>,
+    /// Replicas whose current version took part as a candidate (their own change).
+    candidates: Vec<usize>,
+    result: Option<Version>,
+    reason: Reason,
+    skip: Option<String>,
+}
+
+/// Computes the plan. The result is deterministic for a given input.
+pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
+    let n = input.peers.len() + 1;
+    let mut hub = Cursor {
+        items: input.hub,
+        pos: 0,
+    };
+    let mut views: Vec<Option<(Cursor<'a, Entry>, bool)>> = input
+        .peers
+        .iter()
+        .map(|p| {
+            p.view.map(|v| match v {
+                View::Full(e) => (Cursor { items: e, pos: 0 }, false),
+                View::Delta(e) => (Cursor { items: e, pos: 0 }, true),
+            })
+        })
+        .collect();
+    let mut agreed: Vec<Option<Cursor<'a, (RelPath, Version)>>> = input
+        .peers
+        .iter()
+        .map(|p| p.agreed.map(|a| Cursor { items: a, pos: 0 }))
+        .collect();
+
+    let mut plan = Plan::default();
+    let mut stack: Vec<Open<'a>> = Vec::new();
+
+    loop {
+        // The smallest path at the head of any list.
+        let mut next: Option<&'a RelPath> = hub.peek(entry_path);
+        let mut consider = |p: Option<&'a RelPath>| {
+            if let Some(p) = p
+                && next.is_none_or(|n| p < n)
+            {
+                next = Some(p);
+            }
+        };
+        for v in views.iter().flatten() {
+            consider(v.0.peek(entry_path));
+        }
+        for a in agreed.iter().flatten() {
+            consider(a.peek(agreed_path));
+        }
+        let Some(path) = next else { break };
+
+        let mut row = Row {
+            path,
+            states: Vec::with_capacity(n),
+            agreed: Vec::with_capacity(n),
+        };
+        row.states.push(Some(
+            hub.take_if(path, entry_path)
+                .map_or(St::Absent, |e| St::of(&e.state)),
+        ));
+        row.agreed.push(None);
+        for (view, agr) in views.iter_mut().zip(agreed.iter_mut()) {
+            let a = agr
+                .as_mut()
+                .map(|c| c.take_if(path, agreed_path).map(|e| &e.1));
+            row.agreed.push(a);
+            row.states.push(view.as_mut().map(|(c, delta)| {
+                match (c.take_if(path, entry_path), *delta) {
+                    (Some(e), _) => St::of(&e.state),
+                    (None, true) => a.flatten().map_or(St::Absent, St::Present),
+                    (None, false) => St::Absent,
+                }
+            }));
+        }
+
+        while stack.last().is_some_and(|o| !o.path.is_ancestor_of(path)) {
+            settle(&mut stack, &mut plan);
+        }
+        let present = row.states[HUB].and_then(St::version).is_some();
+        let decision = if stack.last().is_some_and(|o| o.skipping) {
+            Some(Decision {
+                row,
+                candidates: vec![],
+                result: None,
+                reason: Reason::CatchUp,
+                skip: Some("a directory above it is left alone this run".into()),
+            })
+        } else {
+            decide(row)
+        };
+        let skipping = decision.as_ref().is_some_and(|d| d.skip.is_some());
+        stack.push(Open {
+            path,
+            decision,
+            present,
+            skipping,
+            present_below: false,
+            skip_below: false,
+        });
+    }
+    while !stack.is_empty() {
+        settle(&mut stack, &mut plan);
+    }
+    // Settling emits children before parents; present the plan in path order.
+    plan.items.sort_by(|a, b| a.path.cmp(&b.path));
+    plan.skipped.sort_by(|a, b| a.0.cmp(&b.0));
+    plan
+}
+
+/// Pops the top of the stack: applies what its descendants require, turns it into
+/// an item, and passes what its parent needs to know up the stack.
+fn settle(stack: &mut Vec<Open<'_>>, plan: &mut Plan) {
+    let Some(open) = stack.pop() else { return };
+    let (present, skipped) = match open.decision {
+        None => (open.present, false),
+        Some(mut d) => {
+            let is_dir = d.result.as_ref().is_some_and(Version::is_dir);
+            if d.skip.is_none() && open.skip_below && !is_dir {
+                d.skip = Some("something below it is left alone this run".into());
+            } else if d.skip.is_none() && open.present_below && !is_dir {
+                force_directory(&mut d);
+            }
+            let flags = (d.result.is_some(), d.skip.is_some());
+            emit(d, plan);
+            flags
+        }
+    };
+    if let Some(parent) = stack.last_mut() {
+        parent.present_below |= (present && !skipped) || open.present_below;
+        parent.skip_below |= skipped || open.skip_below;
+    }
+}
+
+/// Decides one path; `None` when every replica already holds the agreed version
+/// (the common case, kept free of allocation).
+fn decide(row: Row<'_>) -> Option<Decision<'_>> {
+    let n = row.states.len();
+    let h = row.states[HUB].expect("the hub always takes part");
+    if let Some(why) = row.states.iter().flatten().find_map(|s| match s {
+        St::Skip(w) => Some(*w),
+        _ => None,
+    }) {
+        return Some(Decision {
+            row,
+            candidates: vec![],
+            result: None,
+            reason: Reason::CatchUp,
+            skip: Some(why.to_string()),
+        });
+    }
+    let version_of = |r: usize| row.states[r].and_then(St::version);
+    let taking_part = |i: usize| row.states[i].is_some();
+    let peer_changed = |i: usize| -> bool {
+        taking_part(i)
+            && match row.agreed[i] {
+                None => version_of(i).is_some(),
+                Some(a) => !same(version_of(i), a),
+            }
+    };
+    let hub_changed_vs = |i: usize| -> bool {
+        match row.agreed[i] {
+            None => h.version().is_some(),
+            Some(a) => !same(h.version(), a),
+        }
+    };
+    let changed: Vec<usize> = (1..n).filter(|&i| peer_changed(i)).collect();
+    if changed.is_empty()
+        && (1..n).all(|i| !taking_part(i) || (row.agreed[i].is_some() && !hub_changed_vs(i)))
+    {
+        return None;
+    }
+
+    let mut candidates = changed.clone();
+    if changed.iter().any(|&i| hub_changed_vs(i)) {
+        candidates.insert(0, HUB);
+    }
+    let (result, reason) = if candidates.is_empty() {
+        // Nobody else changed it, so the hub's version stands; it still counts as a
+        // candidate so that, should a directory below force a different result, the
+        // hub's version is kept rather than silently replaced.
+        candidates.push(HUB);
+        // The hub's own change if no peer had agreed on it yet (display only: the
+        // decision is the same either way).
+        let own = (1..n).all(|i| !taking_part(i) || hub_changed_vs(i));
+        let reason = if own && h.version().is_some() {
+            Reason::Changed { on: vec![HUB] }
+        } else if own {
+            Reason::Deleted { on: vec![HUB] }
+        } else {
+            Reason::CatchUp
+        };
+        (h.version().cloned(), reason)
+    } else {
+        resolve(&candidates, version_of)
+    };
+    Some(Decision {
+        row,
+        candidates,
+        result,
+        reason,
+        skip: None,
+    })
+}
+
+/// Picks the result among the candidates' versions (steps 3 and 4 of the model).
+fn resolve<'a>(
+    candidates: &[usize],
+    version_of: impl Fn(usize) -> Option<&'a Version>,
+) -> (Option<Version>, Reason) {
+    let holders = |pred: &dyn Fn(Option<&Version>) -> bool| -> Vec<usize> {
+        candidates
+            .iter()
+            .copied()
+            .filter(|&r| pred(version_of(r)))
+            .collect()
+    };
+    // Distinct candidate versions, first holder first.
+    let mut distinct: Vec<(usize, Option<&Version>)> = Vec::new();
+    for &r in candidates {
+        let v = version_of(r);
+        if !distinct.iter().any(|(_, d)| same(*d, v)) {
+            distinct.push((r, v));
+        }
+    }
+    if let [(_, only)] = distinct[..] {
+        let on = holders(&|x| same(x, only));
+        return match only {
+            Some(v) => (Some(v.clone()), Reason::Changed { on }),
+            None => (None, Reason::Deleted { on }),
+        };
+    }
+    let present: Vec<(usize, &Version)> = distinct
+        .iter()
+        .filter_map(|&(r, v)| v.map(|v| (r, v)))
+        .collect();
+    let (winner, winning) = present
+        .iter()
+        .copied()
+        .max_by(|a, b| a.1.precedence(b.1))
+        .expect("two distinct candidates include a present one");
+    let deleted = present.len() < distinct.len();
+    let one_content = present.iter().all(|(_, v)| v.same_content(winning));
+    if one_content && !deleted {
+        let on = holders(&|x| x.is_some());
+        return (Some(winning.clone()), Reason::Metadata { on });
+    }
+    let rule = if one_content {
+        Rule::ModifiedBeatsDeleted
+    } else if present
+        .iter()
+        .any(|(_, v)| !v.same_content(winning) && v.mtime == winning.mtime)
+    {
+        Rule::TieBreak
+    } else {
+        Rule::NewestMtime
+    };
+    let losers = holders(&|x| !x.is_some_and(|x| x.same_content(winning)));
+    (
+        Some(winning.clone()),
+        Reason::Conflict {
+            winner,
+            losers,
+            rule,
+        },
+    )
+}
+
+/// The path must stay a directory because something below it is present: take the
+/// newest directory version any replica holds (or agreed on), and record a conflict
+/// for the replicas whose own non-directory change cannot win.
+fn force_directory(d: &mut Decision<'_>) {
+    let mut dirs: Vec<&Version> = d
+        .row
+        .states
+        .iter()
+        .flatten()
+        .filter_map(|s| s.version())
+        .collect();
+    dirs.extend(d.row.agreed.iter().flatten().flatten().copied());
+    let dir = dirs
+        .into_iter()
+        .filter(|v| v.is_dir())
+        .max_by(|a, b| a.precedence(b))
+        .cloned()
+        .unwrap_or(Version {
+            kind: Kind::Dir,
+            mode: 0o755,
+            mtime: Default::default(),
+            uid: 0,
+            gid: 0,
+        });
+    let holds_dir = |r: usize| {
+        d.row.states[r]
+            .and_then(St::version)
+            .is_some_and(Version::is_dir)
+    };
+    let losers: Vec<usize> = d
+        .candidates
+        .iter()
+        .copied()
+        .filter(|&r| !holds_dir(r))
+        .collect();
+    if !losers.is_empty() {
+        let deleted_only = losers
+            .iter()
+            .all(|&r| d.row.states[r].and_then(St::version).is_none());
+        d.reason = Reason::Conflict {
+            winner: (0..d.row.states.len())
+                .find(|&r| holds_dir(r))
+                .unwrap_or(HUB),
+            losers,
+            rule: if deleted_only {
+                Rule::ModifiedBeatsDeleted
+            } else {
+                Rule::DirectoryHasContent
+            },
+        };
+    }
+    d.result = Some(dir);
+}
+
+/// Turns a settled decision into a plan item, if it changes or records anything.
+fn emit(d: Decision<'_>, plan: &mut Plan) {
+    let path = d.row.path.clone();
+    if let Some(why) = d.skip {
+        plan.skipped.push((path, why));
+        return;
+    }
+    let result = d.result;
+    let mut actions = Vec::new();
+    for (r, st) in d.row.states.iter().enumerate() {
+        let Some(cur) = st.map(St::version) else {
+            continue;
+        };
+        if same(cur, result.as_ref()) {
+            continue;
+        }
+        let action = match (&result, cur) {
+            (None, None) => continue,
+            (None, Some(_)) => Action::Remove,
+            (Some(_), None) => Action::Create,
+            (Some(res), Some(cur)) if cur.same_content(res) => Action::SetMeta,
+            (Some(_), Some(_)) if d.candidates.contains(&r) => Action::KeepAndReplace,
+            (Some(_), Some(_)) => Action::Replace,
+        };
+        actions.push((r, action));
+    }
+    let needs_bytes = actions
+        .iter()
+        .any(|(_, a)| matches!(a, Action::Create | Action::Replace | Action::KeepAndReplace));
+    // Prefer the hub (no relay), then the lowest peer, among those holding the bytes.
+    let source = match &result {
+        Some(res) if res.is_file() && needs_bytes => d
+            .row
+            .states
+            .iter()
+            .position(|s| s.and_then(St::version).is_some_and(|v| v.same_content(res))),
+        _ => None,
+    };
+    let agree: Vec<usize> = (1..d.row.states.len())
+        .filter(|&i| d.row.states[i].is_some())
+        .filter(|&i| match d.row.agreed[i] {
+            None => result.is_some(),
+            Some(a) => !same(a, result.as_ref()),
+        })
+        .collect();
+    if actions.is_empty() && agree.is_empty() {
+        return;
+    }
+    plan.items.push(Item {
+        path,
+        result,
+        reason: d.reason,
+        source,
+        actions,
+        agree,
+    });
+}
+
+#[cfg(test)]
+mod tests;

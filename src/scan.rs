@@ -1,0 +1,456 @@
+//! Walk a replica root and describe every path in it, hashing only what changed.
+//!
+//! The walk (walkdir, sorted listings, symlinks never followed) yields paths already in
+//! [`RelPath`] order, so it merges with the sorted scan cache as it goes: a file whose
+//! size, mtime, inode and ctime match a trusted cache entry keeps its cached hash and
+//! is not opened. Everything else is hashed with blake3 on all cores (rayon).
+//!
+//! A file that keeps changing while it is read (DokuWiki rewrites pages in place) is
+//! reported as [`State::Skip`] rather than with a hash of a torn read; the run leaves it
+//! alone and the next run picks it up. The same goes for a directory we cannot list:
+//! its contents are unknown, not absent, so nothing under it may be deleted elsewhere.
+
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bincode::{Decode, Encode};
+use rayon::prelude::*;
+
+use crate::archive::CacheEntry;
+use crate::exclude::{Excludes, is_temp_name};
+use crate::relpath::RelPath;
+use crate::version::{Hash, Kind, Mtime, Version};
+
+/// How far back a change must lie before a cached hash is trusted: kernel timestamps
+/// advance in ticks of a few milliseconds, so two writes inside one tick look alike.
+const RACY_WINDOW: i128 = 2_000_000_000;
+const HASH_ATTEMPTS: usize = 3;
+
+/// The part of a file's stat that, together with size and mtime, says "unchanged".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StatKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub ctime: Mtime,
+}
+
+impl StatKey {
+    pub fn of(m: &Metadata) -> StatKey {
+        StatKey {
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime: Mtime::new(m.ctime(), m.ctime_nsec() as u32),
+        }
+    }
+}
+
+/// What one scan found.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Present paths, sorted.
+    pub entries: Vec<CacheEntry>,
+    /// Paths whose state is unknown this run, with the reason; sorted.
+    pub skipped: Vec<(RelPath, String)>,
+    pub stats: ScanStats,
+}
+
+impl Snapshot {
+    pub fn get(&self, path: &RelPath) -> Option<&CacheEntry> {
+        self.entries
+            .binary_search_by(|e| e.path.cmp(path))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+    pub fn get_mut(&mut self, path: &RelPath) -> Option<&mut CacheEntry> {
+        match self.entries.binary_search_by(|e| e.path.cmp(path)) {
+            Ok(i) => Some(&mut self.entries[i]),
+            Err(_) => None,
+        }
+    }
+    pub fn is_skipped(&self, path: &RelPath) -> bool {
+        self.skipped
+            .iter()
+            .any(|(p, _)| p == path || p.is_ancestor_of(path))
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct ScanStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+    pub temps_removed: u64,
+    #[serde(serialize_with = "secs")]
+    pub took: Duration,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// Checks that `root` is a real directory (not a symlink to one, which could be
+/// swapped under us) and says what to do if not.
+pub fn check_root(root: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(root) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if m.file_type().is_symlink() => bail!(
+            "{} is a symlink; give the real directory it points to ({}) so that nothing can swap it during a run",
+            root.display(),
+            std::fs::canonicalize(root)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "a dangling target".into())
+        ),
+        Ok(_) => bail!("{} is not a directory", root.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+            "{} does not exist; if it lives on a separate disk, check that the disk is mounted",
+            root.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot inspect {}", root.display())),
+    }
+}
+
+/// Scans `root`, reusing hashes from `cache` (sorted, as loaded). `now` is the scan's
+/// start time, used only to decide which hashes are safe to trust next time.
+/// `clean_temps` removes temp files a crashed run left behind.
+pub fn scan(
+    root: &Path,
+    excludes: &Excludes,
+    cache: Vec<CacheEntry>,
+    now: Mtime,
+    clean_temps: bool,
+) -> Result<Snapshot> {
+    let started = Instant::now();
+    check_root(root)?;
+    let mut snap = Snapshot::default();
+    let mut todo: Vec<usize> = Vec::new();
+    let mut cache = cache.into_iter().peekable();
+
+    let mut walk = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .follow_links(false)
+        .sort_by(|a, b| a.file_name().cmp(b.file_name()))
+        .into_iter();
+    while let Some(item) = walk.next() {
+        let entry = match item {
+            Ok(e) => e,
+            Err(err) => {
+                let Some(rel) = err.path().and_then(|p| rel_of(root, p)) else {
+                    bail!("cannot read {}: {err}", root.display());
+                };
+                if err.io_error().map(io::Error::kind) == Some(io::ErrorKind::NotFound) {
+                    continue; // vanished between listing and stat: it is simply absent
+                }
+                // We could not list a directory: its contents are unknown, not absent.
+                if snap.entries.last().is_some_and(|e| e.path == rel) {
+                    snap.entries.pop();
+                    todo.retain(|&i| i < snap.entries.len());
+                }
+                snap.skipped.push((rel, format!("cannot read: {err}")));
+                continue;
+            }
+        };
+        let Some(rel) = rel_of(root, entry.path()) else {
+            continue;
+        };
+        let ft = entry.file_type();
+        if is_temp_name(rel.file_name()) {
+            if clean_temps && !ft.is_dir() && std::fs::remove_file(entry.path()).is_ok() {
+                snap.stats.temps_removed += 1;
+            }
+            continue;
+        }
+        if excludes.matches(&rel) {
+            if ft.is_dir() {
+                walk.skip_current_dir();
+            }
+            continue;
+        }
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.io_error().map(io::Error::kind) == Some(io::ErrorKind::NotFound) => {
+                continue;
+            }
+            Err(e) => {
+                if ft.is_dir() {
+                    walk.skip_current_dir();
+                }
+                snap.skipped.push((rel, format!("cannot stat: {e}")));
+                continue;
+            }
+        };
+        while cache.next_if(|c| c.path < rel).is_some() {}
+        let cached = cache.next_if(|c| c.path == rel);
+        let version = |kind| Version {
+            kind,
+            mode: meta.mode() & 0o7777,
+            mtime: Mtime::new(meta.mtime(), meta.mtime_nsec() as u32),
+            uid: meta.uid(),
+            gid: meta.gid(),
+        };
+        let stat = StatKey::of(&meta);
+        let trusted = now.as_nanos() - stat.ctime.as_nanos() > RACY_WINDOW;
+        let ft = meta.file_type();
+        let kind = if ft.is_dir() {
+            snap.stats.dirs += 1;
+            Kind::Dir
+        } else if ft.is_symlink() {
+            snap.stats.symlinks += 1;
+            match std::fs::read_link(entry.path()) {
+                Ok(t) => Kind::Symlink {
+                    target: t.into_os_string().into_encoded_bytes(),
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    snap.skipped.push((rel, format!("cannot read link: {e}")));
+                    continue;
+                }
+            }
+        } else if ft.is_file() {
+            snap.stats.files += 1;
+            snap.stats.bytes += meta.len();
+            let v = version(Kind::File {
+                size: meta.len(),
+                hash: Hash([0; 32]),
+            });
+            let reuse = cached.filter(|c| {
+                c.trusted
+                    && c.stat == stat
+                    && c.version.is_file()
+                    && c.version.size() == meta.len()
+                    && c.version.mtime == v.mtime
+            });
+            match reuse {
+                Some(c) => snap.entries.push(CacheEntry {
+                    path: c.path,
+                    version: Version {
+                        kind: c.version.kind,
+                        ..v
+                    },
+                    stat,
+                    trusted,
+                }),
+                None => {
+                    todo.push(snap.entries.len());
+                    snap.entries.push(CacheEntry {
+                        path: rel,
+                        version: v,
+                        stat,
+                        trusted,
+                    });
+                }
+            }
+            continue;
+        } else {
+            snap.skipped
+                .push((rel, "not a regular file, directory or symlink".into()));
+            continue;
+        };
+        snap.entries.push(CacheEntry {
+            path: cached.map(|c| c.path).unwrap_or(rel),
+            version: version(kind),
+            stat,
+            trusted,
+        });
+    }
+    drop(cache);
+
+    let hashed: Vec<(usize, HashOutcome)> = todo
+        .par_iter()
+        .map(|&i| (i, hash_file(&root.join(snap.entries[i].path.as_path()))))
+        .collect();
+    let mut gone = Vec::new();
+    for (i, outcome) in hashed {
+        let e = &mut snap.entries[i];
+        match outcome {
+            HashOutcome::Hashed { hash, meta } => {
+                snap.stats.hashed_files += 1;
+                snap.stats.hashed_bytes += meta.len();
+                e.version.kind = Kind::File {
+                    size: meta.len(),
+                    hash,
+                };
+                e.version.mode = meta.mode() & 0o7777;
+                e.version.mtime = Mtime::new(meta.mtime(), meta.mtime_nsec() as u32);
+                e.stat = StatKey::of(&meta);
+                e.trusted = now.as_nanos() - e.stat.ctime.as_nanos() > RACY_WINDOW;
+            }
+            HashOutcome::Gone => gone.push(i),
+            HashOutcome::Unstable(why) => {
+                snap.skipped.push((e.path.clone(), why));
+                gone.push(i);
+            }
+        }
+    }
+    if !gone.is_empty() {
+        let mut i = 0;
+        snap.entries.retain(|_| {
+            i += 1;
+            gone.binary_search(&(i - 1)).is_err()
+        });
+    }
+    if !snap.entries.is_sorted_by(|a, b| a.path < b.path) {
+        snap.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+    snap.skipped.sort_by(|a, b| a.0.cmp(&b.0));
+    snap.stats.took = started.elapsed();
+    Ok(snap)
+}
+
+fn rel_of(root: &Path, p: &Path) -> Option<RelPath> {
+    RelPath::from_path(p.strip_prefix(root).ok()?).ok()
+}
+
+enum HashOutcome {
+    Hashed { hash: Hash, meta: Metadata },
+    Gone,
+    Unstable(String),
+}
+
+/// Hashes a file, making sure the bytes read belong to one consistent version: the
+/// stat before and after reading must agree, else we try again, and give up (Skip)
+/// after a few attempts rather than report a torn read.
+fn hash_file(path: &Path) -> HashOutcome {
+    let mut last_err = String::new();
+    for _ in 0..HASH_ATTEMPTS {
+        let file = match File::options()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return HashOutcome::Gone,
+            Err(e) => {
+                last_err = format!("cannot open: {e}");
+                continue;
+            }
+        };
+        let result = (|| -> io::Result<Option<(Hash, Metadata)>> {
+            let before = file.metadata()?;
+            if !before.is_file() {
+                return Ok(None);
+            }
+            let mut h = blake3::Hasher::new();
+            h.update_reader(&file)?;
+            let after = file.metadata()?;
+            let stable = before.len() == after.len()
+                && before.mtime() == after.mtime()
+                && before.mtime_nsec() == after.mtime_nsec()
+                && before.ctime() == after.ctime()
+                && before.ctime_nsec() == after.ctime_nsec()
+                && h.count() == after.len();
+            Ok(stable.then(|| (Hash(*h.finalize().as_bytes()), after)))
+        })();
+        match result {
+            Ok(Some((hash, meta))) => return HashOutcome::Hashed { hash, meta },
+            Ok(None) => last_err = "changed while being read".into(),
+            Err(e) => last_err = format!("cannot read: {e}"),
+        }
+    }
+    HashOutcome::Unstable(last_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn scan_dir(root: &Path, cache: Vec<CacheEntry>) -> Snapshot {
+        scan(root, &Excludes::default(), cache, Mtime::now(), true).unwrap()
+    }
+
+    #[test]
+    fn finds_everything_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("a/b")).unwrap();
+        std::fs::write(r.join("a/b/f"), "x").unwrap();
+        std::fs::write(r.join("a.txt"), "y").unwrap();
+        std::fs::write(r.join("a-b"), "z").unwrap();
+        symlink("/etc/passwd", r.join("link")).unwrap();
+        std::fs::create_dir(r.join(".hubsync")).unwrap();
+        std::fs::write(r.join(".hubsync/lock"), "").unwrap();
+        std::fs::write(r.join("a/.hubsync.0123456789abcdef.tmp"), "stale").unwrap();
+        let s = scan_dir(r, vec![]);
+        let paths: Vec<String> = s.entries.iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(paths, ["a", "a/b", "a/b/f", "a-b", "a.txt", "link"]);
+        assert_eq!(s.stats.temps_removed, 1);
+        assert!(!r.join("a/.hubsync.0123456789abcdef.tmp").exists());
+        let link = s.get(&RelPath::new("link").unwrap()).unwrap();
+        assert_eq!(
+            link.version.kind,
+            Kind::Symlink {
+                target: b"/etc/passwd".to_vec()
+            }
+        );
+        let f = s.get(&RelPath::new("a/b/f").unwrap()).unwrap();
+        assert_eq!(
+            f.version.kind,
+            Kind::File {
+                size: 1,
+                hash: Hash::of(b"x")
+            }
+        );
+    }
+
+    #[test]
+    fn trusted_cache_entries_are_not_reread() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::write(r.join("f"), "content").unwrap();
+        let first = scan_dir(r, vec![]);
+        assert_eq!(first.stats.hashed_files, 1);
+        // Pretend the hash we cached was of other bytes: if the scan reuses it, it did
+        // not read the file.
+        let mut cache = first.entries.clone();
+        cache[0].trusted = true;
+        cache[0].version.kind = Kind::File {
+            size: 7,
+            hash: Hash([9; 32]),
+        };
+        let second = scan_dir(r, cache.clone());
+        assert_eq!(second.stats.hashed_files, 0);
+        assert_eq!(second.entries[0].version.kind, cache[0].version.kind);
+        // An untrusted (racy) entry is read again even when stat matches.
+        cache[0].trusted = false;
+        let third = scan_dir(r, cache);
+        assert_eq!(third.stats.hashed_files, 1);
+        assert_eq!(
+            third.entries[0].version.kind,
+            Kind::File {
+                size: 7,
+                hash: Hash::of(b"content")
+            }
+        );
+    }
+
+    #[test]
+    fn excluded_subtrees_are_pruned() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("cache/x")).unwrap();
+        std::fs::write(r.join("cache/x/f"), "x").unwrap();
+        std::fs::write(r.join("keep"), "x").unwrap();
+        let ex = Excludes::new(&["cache".to_string()]).unwrap();
+        let s = scan(r, &ex, vec![], Mtime::now(), false).unwrap();
+        let paths: Vec<String> = s.entries.iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(paths, ["keep"]);
+    }
+
+    #[test]
+    fn root_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("nope");
+        let e = check_root(&missing).unwrap_err().to_string();
+        assert!(e.contains("mounted"), "{e}");
+        symlink(d.path(), d.path().join("ln")).unwrap();
+        let e = check_root(&d.path().join("ln")).unwrap_err().to_string();
+        assert!(e.contains("symlink"), "{e}");
+    }
+}
