@@ -165,6 +165,16 @@ impl Agreed {
             .map(|i| &self.entries[i].1)
     }
 
+    /// Drops entries: used to forget paths that are excluded now. Both sides of a
+    /// pair do it alike, so their tokens still match exactly when their contents do.
+    pub fn retain(&mut self, keep: impl Fn(&RelPath) -> bool) {
+        let before = self.entries.len();
+        self.entries.retain(|e| keep(&e.0));
+        if self.entries.len() != before {
+            self.token.digest = self.digest();
+        }
+    }
+
     pub fn files(&self) -> usize {
         self.entries.iter().filter(|e| !e.1.is_dir()).count()
     }

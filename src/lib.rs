@@ -5,13 +5,20 @@
 //! → `plan` → `apply` on each replica → agreed state saved (`archive`) → unlock.
 //! See ARCHITECTURE.md.
 
+pub mod apply;
 pub mod archive;
+pub mod cli;
+pub mod config;
 pub mod exclude;
+pub mod hub;
 pub mod lock;
 pub mod plan;
 pub mod proto;
 pub mod reconcile;
 pub mod relpath;
+pub mod report;
 pub mod scan;
+pub mod server;
+pub mod transport;
 pub mod util;
 pub mod version;

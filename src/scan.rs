@@ -56,6 +56,8 @@ pub struct Snapshot {
     /// Paths whose state is unknown this run, with the reason; sorted.
     pub skipped: Vec<(RelPath, String)>,
     pub stats: ScanStats,
+    /// The entries differ from the cache they were built from (so it needs saving).
+    pub cache_changed: bool,
 }
 
 impl Snapshot {
@@ -95,6 +97,13 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
 }
 
+/// Counters a scan advances as it goes, for keep-alive and progress reports.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
 /// Checks that `root` is a real directory (not a symlink to one, which could be
 /// swapped under us) and says what to do if not.
 pub fn check_root(root: &Path) -> Result<()> {
@@ -125,11 +134,15 @@ pub fn scan(
     cache: Vec<CacheEntry>,
     now: Mtime,
     clean_temps: bool,
+    progress: Option<&Progress>,
 ) -> Result<Snapshot> {
+    use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
     check_root(root)?;
     let mut snap = Snapshot::default();
     let mut todo: Vec<usize> = Vec::new();
+    let cache_len = cache.len();
+    let mut reused_exact = 0usize;
     let mut cache = cache.into_iter().peekable();
 
     let mut walk = walkdir::WalkDir::new(root)
@@ -159,6 +172,9 @@ pub fn scan(
         let Some(rel) = rel_of(root, entry.path()) else {
             continue;
         };
+        if let Some(p) = progress {
+            p.files.fetch_add(1, Relaxed);
+        }
         let ft = entry.file_type();
         if is_temp_name(rel.file_name()) {
             if clean_temps && !ft.is_dir() && std::fs::remove_file(entry.path()).is_ok() {
@@ -227,15 +243,23 @@ pub fn scan(
                     && c.version.mtime == v.mtime
             });
             match reuse {
-                Some(c) => snap.entries.push(CacheEntry {
-                    path: c.path,
-                    version: Version {
-                        kind: c.version.kind,
-                        ..v
-                    },
-                    stat,
-                    trusted,
-                }),
+                Some(c) => {
+                    // Size, mtime and stat key matched in the filter above.
+                    let exact = trusted
+                        && c.version.mode == v.mode
+                        && c.version.uid == v.uid
+                        && c.version.gid == v.gid;
+                    reused_exact += usize::from(exact);
+                    snap.entries.push(CacheEntry {
+                        path: c.path,
+                        version: Version {
+                            kind: c.version.kind,
+                            ..v
+                        },
+                        stat,
+                        trusted,
+                    });
+                }
                 None => {
                     todo.push(snap.entries.len());
                     snap.entries.push(CacheEntry {
@@ -252,18 +276,26 @@ pub fn scan(
                 .push((rel, "not a regular file, directory or symlink".into()));
             continue;
         };
-        snap.entries.push(CacheEntry {
-            path: cached.map(|c| c.path).unwrap_or(rel),
+        let e = CacheEntry {
+            path: rel,
             version: version(kind),
             stat,
             trusted,
-        });
+        };
+        reused_exact += usize::from(cached.as_ref() == Some(&e));
+        snap.entries.push(e);
     }
     drop(cache);
 
     let hashed: Vec<(usize, HashOutcome)> = todo
         .par_iter()
-        .map(|&i| (i, hash_file(&root.join(snap.entries[i].path.as_path()))))
+        .map(|&i| {
+            let outcome = hash_file(&root.join(snap.entries[i].path.as_path()));
+            if let (Some(p), HashOutcome::Hashed { meta, .. }) = (progress, &outcome) {
+                p.bytes.fetch_add(meta.len(), Relaxed);
+            }
+            (i, outcome)
+        })
         .collect();
     let mut gone = Vec::new();
     for (i, outcome) in hashed {
@@ -299,6 +331,7 @@ pub fn scan(
         snap.entries.sort_by(|a, b| a.path.cmp(&b.path));
     }
     snap.skipped.sort_by(|a, b| a.0.cmp(&b.0));
+    snap.cache_changed = reused_exact != snap.entries.len() || cache_len != snap.entries.len();
     snap.stats.took = started.elapsed();
     Ok(snap)
 }
@@ -362,7 +395,7 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     fn scan_dir(root: &Path, cache: Vec<CacheEntry>) -> Snapshot {
-        scan(root, &Excludes::default(), cache, Mtime::now(), true).unwrap()
+        scan(root, &Excludes::default(), cache, Mtime::now(), true, None).unwrap()
     }
 
     #[test]
@@ -438,7 +471,7 @@ mod tests {
         std::fs::write(r.join("cache/x/f"), "x").unwrap();
         std::fs::write(r.join("keep"), "x").unwrap();
         let ex = Excludes::new(&["cache".to_string()]).unwrap();
-        let s = scan(r, &ex, vec![], Mtime::now(), false).unwrap();
+        let s = scan(r, &ex, vec![], Mtime::now(), false, None).unwrap();
         let paths: Vec<String> = s.entries.iter().map(|e| e.path.to_string()).collect();
         assert_eq!(paths, ["keep"]);
     }

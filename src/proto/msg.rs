@@ -42,11 +42,13 @@ pub enum Request {
     Abort {
         id: u32,
     },
-    /// A chunk of the new agreed state of this pair, as changes to the old one; the
-    /// last chunk carries the new token. Answered by `Committed` after the last.
+    /// A chunk of the new agreed state of this pair, as changes to the old one (or,
+    /// with `reset`, to an empty state); the last chunk carries the new token.
+    /// Answered by `Committed` after the last.
     Commit {
         changes: Vec<(RelPath, Option<Version>)>,
         token: Option<Token>,
+        reset: bool,
     },
     Close,
 }
@@ -61,6 +63,9 @@ pub struct Open {
     /// copy carries the same token it answers the scan with a delta.
     pub pair: Option<Token>,
     pub dry_run: bool,
+    /// The replica id the hub's agreed state was made with: a delta is only
+    /// meaningful if this is still the same replica.
+    pub pair_replica: Option<ReplicaId>,
 }
 
 /// What a replica must find at a path before changing it.
@@ -124,6 +129,12 @@ pub enum Response {
         result: Result<(), OpError>,
     },
     Committed,
+    /// Sent about once a second while a long request (a scan) is under way, so that
+    /// a slow replica is not mistaken for a dead one.
+    Progress {
+        files: u64,
+        bytes: u64,
+    },
     /// Something the hub should report, the session goes on.
     Warning(String),
     /// The replica cannot go on; it closes after this.

@@ -1,0 +1,722 @@
+//! Changing a replica's tree: the only code that writes into a root.
+//!
+//! Every operation resolves its parent directory from the root one component at a
+//! time with `O_NOFOLLOW|O_DIRECTORY`, and acts on the final name relative to that
+//! directory without following it. A path from a hostile or buggy hub, or a symlink
+//! planted in the tree, therefore cannot make us read or write outside the root.
+//!
+//! Why each destructive step is safe:
+//! - a new file is written to a hidden temp file in the destination directory,
+//!   checked against the expected size and hash, given its mode, owner and mtime,
+//!   flushed to disk, and only then renamed over the real name: readers see the old
+//!   content or the new, never a partial file;
+//! - before anything is replaced or removed, the path is compared with what this
+//!   replica's own scan saw (inode, size, mtime, ctime); if it changed during the run
+//!   it is left alone ([`OpError::Changed`]) and syncs next run;
+//! - a version that lost a conflict is hard-linked (or moved, for a directory) into
+//!   `.hubsync/conflicts/` before the winner takes its name;
+//! - a directory is only ever removed with `rmdir`, so it must already be empty.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Stat, Timespec, Timestamps};
+
+use crate::archive::CacheEntry;
+use crate::exclude::temp_name;
+use crate::proto::OpError;
+use crate::relpath::RelPath;
+use crate::scan::StatKey;
+use crate::version::{Hash, Kind, Mtime, Version};
+
+fn io_err(e: impl std::fmt::Display) -> OpError {
+    OpError::Io(e.to_string())
+}
+
+impl From<rustix::io::Errno> for OpError {
+    fn from(e: rustix::io::Errno) -> OpError {
+        OpError::Io(io::Error::from(e).to_string())
+    }
+}
+
+/// An open replica root.
+pub struct Root {
+    path: PathBuf,
+    fd: OwnedFd,
+    state_dir: PathBuf,
+    /// The most recently resolved directory: consecutive files mostly share one.
+    cached_dir: Option<(Option<RelPath>, OwnedFd)>,
+    as_root: bool,
+    /// Names the conflict copy of something that changed in the instant between our
+    /// check and our rename (so it is kept, not lost).
+    pub fallback_suffix: String,
+}
+
+/// A file being received. It holds no directory descriptor (thousands may wait
+/// in a batch); its directory is resolved again, safely, when it is installed.
+pub struct Incoming {
+    pub path: RelPath,
+    pub version: Version,
+    file: File,
+    temp: String,
+    hasher: blake3::Hasher,
+    written: u64,
+    error: Option<OpError>,
+}
+
+/// A received, verified file waiting to be renamed into place.
+pub struct Ready {
+    pub path: RelPath,
+    pub version: Version,
+    temp: String,
+    ino: u64,
+}
+
+impl Root {
+    pub fn open(path: &Path, state_dir: PathBuf) -> io::Result<Root> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Root {
+            path: path.to_path_buf(),
+            fd,
+            state_dir,
+            cached_dir: None,
+            as_root: rustix::process::geteuid().is_root(),
+            fallback_suffix: format!("{}-changed-during-sync", conflict_time(Mtime::now())),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the directory `rel` (the root for `None`) without following symlinks.
+    fn dir(&mut self, rel: Option<&RelPath>) -> Result<BorrowedFd<'_>, OpError> {
+        let hit = matches!(&self.cached_dir, Some((p, _)) if p.as_ref() == rel);
+        if !hit {
+            let mut fd = rustix::fs::openat(
+                &self.fd,
+                ".",
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            if let Some(rel) = rel {
+                for comp in rel.components() {
+                    fd = rustix::fs::openat(
+                        &fd,
+                        comp,
+                        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| match e {
+                        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
+                            OpError::Refused(format!(
+                                "{rel}: a component is a symlink or not a directory; refusing to follow it"
+                            ))
+                        }
+                        rustix::io::Errno::NOENT => OpError::Changed,
+                        e => e.into(),
+                    })?;
+                }
+            }
+            self.cached_dir = Some((rel.cloned(), fd));
+        }
+        Ok(self.cached_dir.as_ref().expect("just filled").1.as_fd())
+    }
+
+    fn forget_dirs(&mut self) {
+        self.cached_dir = None;
+    }
+
+    fn parent_fd(&mut self, path: &RelPath) -> Result<OwnedFd, OpError> {
+        let parent = path.parent();
+        let fd = self.dir(parent.as_ref())?;
+        fd.try_clone_to_owned().map_err(io_err)
+    }
+
+    /// lstat of `path`, `None` if absent.
+    pub fn lstat(&mut self, path: &RelPath) -> Result<Option<Stat>, OpError> {
+        let dir = match self.dir(path.parent().as_ref()) {
+            Ok(d) => d,
+            Err(OpError::Changed) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::statat(dir, path.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(s) => Ok(Some(s)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Opens a regular file for reading (never through a symlink).
+    pub fn open_read(&mut self, path: &RelPath) -> Result<File, OpError> {
+        let dir = self.dir(path.parent().as_ref())?;
+        let fd = rustix::fs::openat(
+            dir,
+            path.file_name(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::NOENT | rustix::io::Errno::LOOP => OpError::SourceChanged,
+            e => e.into(),
+        })?;
+        let st = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(OpError::SourceChanged);
+        }
+        Ok(File::from(fd))
+    }
+
+    /// Whether `path` still holds what `scanned` describes (`None`: nothing).
+    pub fn check(
+        &mut self,
+        path: &RelPath,
+        scanned: Option<&CacheEntry>,
+    ) -> Result<Option<Stat>, OpError> {
+        let now = self.lstat(path)?;
+        let ok = match (&now, scanned) {
+            (None, None) => true,
+            (Some(st), Some(e)) => matches_scan(st, e),
+            _ => false,
+        };
+        if ok { Ok(now) } else { Err(OpError::Changed) }
+    }
+
+    /// Starts receiving a file for `path`.
+    pub fn begin_put(&mut self, path: &RelPath, version: Version) -> Result<Incoming, OpError> {
+        let dir = self.parent_fd(path)?;
+        let (file, temp) = create_temp(&dir)?;
+        Ok(Incoming {
+            path: path.clone(),
+            version,
+            file,
+            temp,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+            error: None,
+        })
+    }
+
+    /// Checks a received file and gives it its metadata; it is not visible yet.
+    pub fn finish_put(&mut self, mut inc: Incoming) -> Result<Ready, OpError> {
+        let result = (|| {
+            if let Some(e) = inc.error.take() {
+                return Err(e);
+            }
+            let Kind::File { size, hash } = inc.version.kind else {
+                return Err(OpError::Refused("not a file".into()));
+            };
+            if inc.written != size || Hash(*inc.hasher.finalize().as_bytes()) != hash {
+                return Err(OpError::SourceChanged);
+            }
+            self.set_owner_fd(inc.file.as_fd(), &inc.version)?;
+            rustix::fs::fchmod(&inc.file, Mode::from_raw_mode(inc.version.mode))?;
+            rustix::fs::futimens(&inc.file, &times(inc.version.mtime))?;
+            let ino = rustix::fs::fstat(&inc.file)?.st_ino;
+            Ok(ino)
+        })();
+        match result {
+            Ok(ino) => Ok(Ready {
+                path: inc.path,
+                version: inc.version,
+                temp: inc.temp,
+                ino,
+            }),
+            Err(e) => {
+                self.unlink_temp(&inc.path, &inc.temp);
+                Err(e)
+            }
+        }
+    }
+
+    fn unlink_temp(&mut self, path: &RelPath, temp: &str) {
+        if let Ok(dir) = self.dir(path.parent().as_ref()) {
+            let _ = rustix::fs::unlinkat(dir, temp, AtFlags::empty());
+        }
+    }
+
+    /// Drops a file being received.
+    pub fn abort_put(&mut self, inc: Incoming) {
+        drop(inc.file);
+        self.unlink_temp(&inc.path, &inc.temp);
+    }
+
+    /// Drops a ready file that will not be installed.
+    pub fn discard(&mut self, ready: Ready) {
+        self.unlink_temp(&ready.path, &ready.temp);
+    }
+
+    /// Makes received data durable: one `syncfs` for a whole batch of files costs
+    /// about what one `fsync` does, and it must happen before any rename exposes
+    /// them.
+    pub fn sync(&self) -> Result<(), OpError> {
+        Ok(rustix::fs::syncfs(&self.fd)?)
+    }
+
+    /// Renames a ready file into place after checking the destination.
+    pub fn install(
+        &mut self,
+        ready: Ready,
+        scanned: Option<&CacheEntry>,
+        keep: Option<&str>,
+    ) -> Result<StatKey, OpError> {
+        let dir = match self.parent_fd(&ready.path) {
+            Ok(d) => d,
+            Err(e) => {
+                self.discard(ready);
+                return Err(e);
+            }
+        };
+        let result = self.replace_with(&ready.path, &dir, &ready.temp, scanned, keep);
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, ready.temp.as_str(), AtFlags::empty());
+        }
+        result?;
+        let st = rustix::fs::statat(&dir, ready.path.file_name(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if st.st_ino != ready.ino {
+            // Someone replaced it right after us; let the next scan look at it.
+            return Err(OpError::Changed);
+        }
+        Ok(stat_key(&st))
+    }
+
+    /// Puts the entry `temp` (in `dir`, the parent of `path`) at `path`.
+    ///
+    /// - Nothing there: a rename that refuses to replace, so something that appeared
+    ///   meanwhile is never overwritten.
+    /// - A file or symlink: an atomic exchange, then a look at what came out: if it is
+    ///   not what the scan saw (changed in the instant since the check) or it lost a
+    ///   conflict, it goes to the conflicts directory, else it is deleted.
+    /// - A directory: moved to the conflicts directory if it lost, else removed with
+    ///   `rmdir` (its contents were removed earlier in the run, or this fails).
+    fn replace_with(
+        &mut self,
+        path: &RelPath,
+        dir: &OwnedFd,
+        temp: &str,
+        scanned: Option<&CacheEntry>,
+        keep: Option<&str>,
+    ) -> Result<(), OpError> {
+        let name = path.file_name();
+        let Some(current) = self.check(path, scanned)? else {
+            return rename_noreplace(dir, temp, name);
+        };
+        if FileType::from_raw_mode(current.st_mode) == FileType::Directory {
+            match keep {
+                Some(suffix) => {
+                    self.keep_at(dir, name, path, suffix)?;
+                }
+                None => remove_dir(dir, name)?,
+            }
+            self.forget_dirs();
+            return rename_noreplace(dir, temp, name);
+        }
+        match rustix::fs::renameat_with(dir, temp, dir, name, RenameFlags::EXCHANGE) {
+            Ok(()) => {
+                let old = rustix::fs::statat(dir, temp, AtFlags::SYMLINK_NOFOLLOW)?;
+                // The exchange itself moved its ctime; inode, size and mtime remain.
+                let as_scanned = scanned.is_some_and(|e| matches_identity(&old, e));
+                match keep {
+                    Some(suffix) => {
+                        self.keep_at(dir, temp.as_bytes(), path, suffix)?;
+                    }
+                    None if !as_scanned => {
+                        let suffix = self.fallback_suffix.clone();
+                        self.keep_at(dir, temp.as_bytes(), path, &suffix)?;
+                    }
+                    None => rustix::fs::unlinkat(dir, temp, AtFlags::empty())?,
+                }
+                Ok(())
+            }
+            // Filesystems without RENAME_EXCHANGE: keep a hard link, then replace.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                if let Some(suffix) = keep {
+                    let conflicts = self.conflicts_dir(path)?;
+                    let to = format!("{}.conflict-{suffix}", String::from_utf8_lossy(name));
+                    rustix::fs::linkat(dir, name, &conflicts, to.as_str(), AtFlags::empty())?;
+                }
+                Ok(rustix::fs::renameat(dir, temp, dir, name)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates a directory (replacing a file or symlink if the plan says so).
+    pub fn mkdir(
+        &mut self,
+        path: &RelPath,
+        version: &Version,
+        scanned: Option<&CacheEntry>,
+        keep: Option<&str>,
+    ) -> Result<StatKey, OpError> {
+        let dir = self.parent_fd(path)?;
+        let temp = temp_name();
+        rustix::fs::mkdirat(&dir, temp.as_str(), Mode::from_raw_mode(0o700))?;
+        let result = (|| {
+            let fd = rustix::fs::openat(
+                &dir,
+                temp.as_str(),
+                OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            self.set_owner_fd(fd.as_fd(), version)?;
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(version.mode))?;
+            self.replace_with(path, &dir, &temp, scanned, keep)?;
+            Ok(stat_key(&rustix::fs::fstat(&fd)?))
+        })();
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::REMOVEDIR);
+        }
+        result
+    }
+
+    /// Creates or replaces a symlink.
+    pub fn symlink(
+        &mut self,
+        path: &RelPath,
+        version: &Version,
+        scanned: Option<&CacheEntry>,
+        keep: Option<&str>,
+    ) -> Result<StatKey, OpError> {
+        let Kind::Symlink { target } = &version.kind else {
+            return Err(OpError::Refused("not a symlink".into()));
+        };
+        let dir = self.parent_fd(path)?;
+        let temp = temp_name();
+        rustix::fs::symlinkat(target.as_slice(), &dir, temp.as_str())?;
+        let result = (|| {
+            if self.as_root {
+                rustix::fs::chownat(
+                    &dir,
+                    temp.as_str(),
+                    Some(rustix::fs::Uid::from_raw(version.uid)),
+                    Some(rustix::fs::Gid::from_raw(version.gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+            rustix::fs::utimensat(
+                &dir,
+                temp.as_str(),
+                &times(version.mtime),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+            self.replace_with(path, &dir, &temp, scanned, keep)
+        })();
+        if let Err(e) = result {
+            let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
+            return Err(e);
+        }
+        Ok(stat_key(&rustix::fs::statat(
+            &dir,
+            path.file_name(),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?))
+    }
+
+    /// Removes a file, a symlink or an empty directory.
+    pub fn remove(&mut self, path: &RelPath, scanned: Option<&CacheEntry>) -> Result<(), OpError> {
+        let Some(st) = self.check(path, scanned)? else {
+            return Ok(());
+        };
+        let dir = self.parent_fd(path)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            remove_dir(&dir, path.file_name())?;
+            self.forget_dirs();
+            Ok(())
+        } else {
+            Ok(rustix::fs::unlinkat(
+                &dir,
+                path.file_name(),
+                AtFlags::empty(),
+            )?)
+        }
+    }
+
+    /// Gives `path` new permission bits, mtime and owner without touching content.
+    pub fn set_meta(
+        &mut self,
+        path: &RelPath,
+        version: &Version,
+        scanned: Option<&CacheEntry>,
+    ) -> Result<StatKey, OpError> {
+        let st = self.check(path, scanned)?.ok_or(OpError::Changed)?;
+        let dir = self.parent_fd(path)?;
+        let name = path.file_name();
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => {}
+            ft => {
+                let flags = if ft == FileType::Directory {
+                    OFlags::DIRECTORY
+                } else {
+                    OFlags::NONBLOCK
+                };
+                // Through an fd opened without following links, so that a symlink
+                // swapped in after the check cannot redirect the chmod.
+                let fd = rustix::fs::openat(
+                    &dir,
+                    name,
+                    flags | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                if rustix::fs::fstat(&fd)?.st_ino != st.st_ino {
+                    return Err(OpError::Changed);
+                }
+                self.set_owner_fd(fd.as_fd(), version)?;
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(version.mode))?;
+                if ft != FileType::Directory {
+                    rustix::fs::futimens(&fd, &times(version.mtime))?;
+                }
+            }
+        }
+        Ok(stat_key(&rustix::fs::statat(
+            &dir,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?))
+    }
+
+    fn set_owner_fd(&self, fd: BorrowedFd<'_>, v: &Version) -> Result<(), OpError> {
+        if self.as_root {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(v.uid)),
+                Some(rustix::fs::Gid::from_raw(v.gid)),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The directory under `.hubsync/conflicts/` that mirrors `path`'s parent.
+    fn conflicts_dir(&self, path: &RelPath) -> Result<OwnedFd, OpError> {
+        let rel_dir = path
+            .parent()
+            .map(|p| p.as_path().to_path_buf())
+            .unwrap_or_default();
+        let conflicts = self.state_dir.join("conflicts").join(rel_dir);
+        std::fs::create_dir_all(&conflicts)
+            .map_err(|e| OpError::Io(format!("cannot create {}: {e}", conflicts.display())))?;
+        Ok(rustix::fs::open(
+            &conflicts,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?)
+    }
+
+    /// Moves the entry `from` (in `dir`) to
+    /// `.hubsync/conflicts/<path>.conflict-<suffix>`, never over an existing copy.
+    /// Returns where it went.
+    fn keep_at(
+        &mut self,
+        dir: &OwnedFd,
+        from: &[u8],
+        path: &RelPath,
+        suffix: &str,
+    ) -> Result<PathBuf, OpError> {
+        let cdir = self.conflicts_dir(path)?;
+        let base = String::from_utf8_lossy(path.file_name()).into_owned();
+        let where_ = |name: &str| {
+            let rel = path
+                .parent()
+                .map(|p| p.as_path().join(name))
+                .unwrap_or_else(|| name.into());
+            self.state_dir.join("conflicts").join(rel)
+        };
+        for n in 1..1000 {
+            let name = if n == 1 {
+                format!("{base}.conflict-{suffix}")
+            } else {
+                format!("{base}.conflict-{suffix}-{n}")
+            };
+            match rustix::fs::renameat_with(dir, from, &cdir, name.as_str(), RenameFlags::NOREPLACE)
+            {
+                Ok(()) => return Ok(where_(&name)),
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(rustix::io::Errno::XDEV) => {
+                    copy_aside(dir, from, &cdir, &name)?;
+                    rustix::fs::unlinkat(dir, from, AtFlags::empty())?;
+                    return Ok(where_(&name));
+                }
+                Err(e) => {
+                    return Err(OpError::Io(format!(
+                        "cannot keep the losing version of {path}: {}",
+                        io::Error::from(e)
+                    )));
+                }
+            }
+        }
+        Err(OpError::Io(format!("too many conflict copies of {path}")))
+    }
+}
+
+impl Incoming {
+    pub fn write(&mut self, bytes: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        self.written += bytes.len() as u64;
+        if self.written > self.version.size() {
+            self.error = Some(OpError::SourceChanged);
+            return;
+        }
+        self.hasher.update(bytes);
+        if let Err(e) = self.file.write_all(bytes) {
+            self.error = Some(OpError::Io(format!("cannot write {}: {e}", self.path)));
+        }
+    }
+}
+
+impl Ready {
+    pub fn into_parts(self) -> (RelPath, Version) {
+        (self.path, self.version)
+    }
+}
+
+/// Compares a fresh lstat with what the scan recorded.
+pub fn matches_scan(st: &Stat, e: &CacheEntry) -> bool {
+    matches_identity(st, e) && {
+        // A directory's ctime moves whenever an entry is added or removed inside it,
+        // which our own operations do; its identity is enough.
+        FileType::from_raw_mode(st.st_mode) == FileType::Directory
+            || Mtime::new(st.st_ctime, st.st_ctime_nsec as u32) == e.stat.ctime
+    }
+}
+
+/// Same inode, kind, size and mtime as scanned.
+fn matches_identity(st: &Stat, e: &CacheEntry) -> bool {
+    let ft = FileType::from_raw_mode(st.st_mode);
+    let kind_ok = match &e.version.kind {
+        Kind::File { size, .. } => {
+            ft == FileType::RegularFile
+                && st.st_size as u64 == *size
+                && Mtime::new(st.st_mtime, st.st_mtime_nsec as u32) == e.version.mtime
+        }
+        Kind::Dir => ft == FileType::Directory,
+        Kind::Symlink { .. } => ft == FileType::Symlink,
+    };
+    kind_ok && st.st_ino == e.stat.ino && st.st_dev == e.stat.dev
+}
+
+/// The time part of conflict-copy names: `20261204T163424Z`.
+pub fn conflict_time(t: Mtime) -> String {
+    let (y, mo, d, h, mi, s) = crate::version::civil_from_unix(t.secs);
+    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
+}
+
+pub fn stat_key(st: &Stat) -> StatKey {
+    StatKey {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        ctime: Mtime::new(st.st_ctime, st.st_ctime_nsec as u32),
+    }
+}
+
+fn times(mtime: Mtime) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        last_modification: Timespec {
+            tv_sec: mtime.secs,
+            tv_nsec: mtime.nanos as _,
+        },
+    }
+}
+
+fn create_temp(dir: &OwnedFd) -> Result<(File, String), OpError> {
+    loop {
+        let temp = temp_name();
+        match rustix::fs::openat(
+            dir,
+            temp.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => return Ok((File::from(fd), temp)),
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(e) => {
+                return Err(OpError::Io(format!(
+                    "cannot create a temp file: {}",
+                    io::Error::from(e)
+                )));
+            }
+        }
+    }
+}
+
+fn remove_dir(dir: &OwnedFd, name: &[u8]) -> Result<(), OpError> {
+    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(|e| match e {
+        rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST => OpError::Refused(
+            "directory not empty (it holds excluded or new files); left in place".into(),
+        ),
+        e => e.into(),
+    })
+}
+
+/// Renames without replacing: fails with `Changed` if the name was taken meanwhile.
+fn rename_noreplace(dir: &OwnedFd, from: &str, to: &[u8]) -> Result<(), OpError> {
+    match rustix::fs::renameat_with(dir, from, dir, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::EXIST) => Err(OpError::Changed),
+        // Filesystems without RENAME_NOREPLACE: link() also refuses to replace.
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            rustix::fs::linkat(dir, from, dir, to, AtFlags::empty()).map_err(|e| match e {
+                rustix::io::Errno::EXIST => OpError::Changed,
+                e => e.into(),
+            })?;
+            Ok(rustix::fs::unlinkat(dir, from, AtFlags::empty())?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Copies a file or symlink into the conflicts directory when a hard link is not
+/// possible (the state directory on another filesystem).
+fn copy_aside(src_dir: &OwnedFd, name: &[u8], cdir: &OwnedFd, to: &str) -> Result<(), OpError> {
+    let st = rustix::fs::statat(src_dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+        return Err(OpError::Refused(
+            "cannot keep a losing directory across filesystems; put the state directory on the replica's filesystem".into(),
+        ));
+    }
+    if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+        let target = rustix::fs::readlinkat(src_dir, name, Vec::new())?;
+        rustix::fs::symlinkat(target.as_bytes(), cdir, to)?;
+        return Ok(());
+    }
+    let mut src = File::from(rustix::fs::openat(
+        src_dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?);
+    let mut dst = File::from(rustix::fs::openat(
+        cdir,
+        to,
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(st.st_mode & 0o777),
+    )?);
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = src.read(&mut buf).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all(&buf[..n]).map_err(io_err)?;
+    }
+    rustix::fs::futimens(
+        &dst,
+        &times(Mtime::new(st.st_mtime, st.st_mtime_nsec as u32)),
+    )?;
+    dst.sync_all().map_err(io_err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

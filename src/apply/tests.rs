@@ -1,0 +1,221 @@
+use super::*;
+use crate::exclude::Excludes;
+use crate::scan::scan;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+
+fn rp(s: &str) -> RelPath {
+    RelPath::new(s).unwrap()
+}
+
+fn file_version(content: &[u8], mtime: Mtime, mode: u32) -> Version {
+    Version {
+        kind: Kind::File {
+            size: content.len() as u64,
+            hash: Hash::of(content),
+        },
+        mode,
+        mtime,
+        uid: rustix::process::geteuid().as_raw(),
+        gid: rustix::process::getegid().as_raw(),
+    }
+}
+
+fn root(dir: &Path) -> Root {
+    Root::open(dir, dir.join(".hubsync")).unwrap()
+}
+
+fn scanned(dir: &Path, path: &str) -> Option<CacheEntry> {
+    let snap = scan(dir, &Excludes::default(), vec![], Mtime::now(), false, None).unwrap();
+    snap.get(&rp(path)).cloned()
+}
+
+fn put(
+    r: &mut Root,
+    path: &str,
+    content: &[u8],
+    v: &Version,
+    scanned: Option<&CacheEntry>,
+    keep: Option<&str>,
+) -> Result<StatKey, OpError> {
+    let mut inc = r.begin_put(&rp(path), v.clone())?;
+    inc.write(content);
+    let ready = r.finish_put(inc)?;
+    r.sync()?;
+    r.install(ready, scanned, keep)
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn new_file_gets_exact_mtime_and_mode_and_no_temp_is_left() {
+    let d = tempfile::tempdir().unwrap();
+    let mut r = root(d.path());
+    let mtime = Mtime::new(1_700_000_000, 123_456_789);
+    let v = file_version(b"hello", mtime, 0o640);
+    let mut inc = r.begin_put(&rp("f"), v.clone()).unwrap();
+    inc.write(b"hello");
+    // Before the rename, the real name does not exist.
+    assert!(!d.path().join("f").exists());
+    let ready = r.finish_put(inc).unwrap();
+    assert!(!d.path().join("f").exists());
+    r.install(ready, None, None).unwrap();
+    let m = std::fs::metadata(d.path().join("f")).unwrap();
+    assert_eq!(std::fs::read(d.path().join("f")).unwrap(), b"hello");
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_700_000_000, 123_456_789));
+    assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(names(d.path()), ["f"]);
+}
+
+#[test]
+fn wrong_bytes_never_become_visible() {
+    let d = tempfile::tempdir().unwrap();
+    let mut r = root(d.path());
+    let v = file_version(b"expected", Mtime::new(1, 0), 0o644);
+    let mut inc = r.begin_put(&rp("f"), v.clone()).unwrap();
+    inc.write(b"EXPECTED");
+    assert_eq!(r.finish_put(inc).err(), Some(OpError::SourceChanged));
+    let mut inc = r.begin_put(&rp("f"), v).unwrap();
+    inc.write(b"expected and more");
+    assert_eq!(r.finish_put(inc).err(), Some(OpError::SourceChanged));
+    assert!(names(d.path()).is_empty(), "{:?}", names(d.path()));
+}
+
+#[test]
+fn a_file_changed_since_the_scan_is_not_clobbered() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("f"), "old").unwrap();
+    let seen = scanned(d.path(), "f");
+    std::fs::write(d.path().join("f"), "user's new edit").unwrap();
+    let mut r = root(d.path());
+    let v = file_version(b"from peer", Mtime::new(5, 0), 0o644);
+    let err = put(&mut r, "f", b"from peer", &v, seen.as_ref(), None).unwrap_err();
+    assert_eq!(err, OpError::Changed);
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("f")).unwrap(),
+        "user's new edit"
+    );
+    assert_eq!(names(d.path()), ["f"]);
+    // And a file that appeared where we expected nothing is not overwritten either.
+    let err = put(&mut r, "f", b"from peer", &v, None, None).unwrap_err();
+    assert_eq!(err, OpError::Changed);
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("f")).unwrap(),
+        "user's new edit"
+    );
+}
+
+#[test]
+fn the_loser_of_a_conflict_is_kept() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("page.txt"), "alice").unwrap();
+    let seen = scanned(d.path(), "page.txt");
+    let mut r = root(d.path());
+    let v = file_version(b"bob", Mtime::new(9, 0), 0o644);
+    put(
+        &mut r,
+        "page.txt",
+        b"bob",
+        &v,
+        seen.as_ref(),
+        Some("20261204T000000Z-hub"),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("page.txt")).unwrap(),
+        "bob"
+    );
+    let kept = d
+        .path()
+        .join(".hubsync/conflicts/page.txt.conflict-20261204T000000Z-hub");
+    assert_eq!(std::fs::read_to_string(kept).unwrap(), "alice");
+}
+
+#[test]
+fn symlinked_directories_are_never_followed() {
+    let d = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    symlink(outside.path(), d.path().join("evil")).unwrap();
+    let mut r = root(d.path());
+    let v = file_version(b"x", Mtime::new(1, 0), 0o644);
+    let err = put(&mut r, "evil/passwd", b"x", &v, None, None).unwrap_err();
+    assert!(matches!(err, OpError::Refused(_)), "{err:?}");
+    assert!(names(outside.path()).is_empty());
+    assert!(matches!(
+        r.open_read(&rp("evil")),
+        Err(OpError::SourceChanged)
+    ));
+    assert!(r.open_read(&rp("evil/x")).is_err());
+}
+
+#[test]
+fn directories_are_removed_only_when_empty() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("ns")).unwrap();
+    std::fs::write(d.path().join("ns/keep"), "x").unwrap();
+    let seen = scanned(d.path(), "ns");
+    let mut r = root(d.path());
+    let err = r.remove(&rp("ns"), seen.as_ref()).unwrap_err();
+    assert!(matches!(err, OpError::Refused(_)), "{err:?}");
+    assert!(d.path().join("ns/keep").exists());
+    std::fs::remove_file(d.path().join("ns/keep")).unwrap();
+    r.remove(&rp("ns"), seen.as_ref()).unwrap();
+    assert!(!d.path().join("ns").exists());
+}
+
+#[test]
+fn type_changes_in_both_directions() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("x"), "file").unwrap();
+    let seen = scanned(d.path(), "x");
+    let mut r = root(d.path());
+    let dir = Version {
+        kind: Kind::Dir,
+        mode: 0o750,
+        mtime: Mtime::new(1, 0),
+        uid: 0,
+        gid: 0,
+    };
+    r.mkdir(&rp("x"), &dir, seen.as_ref(), None).unwrap();
+    let m = std::fs::symlink_metadata(d.path().join("x")).unwrap();
+    assert!(m.is_dir());
+    assert_eq!(m.permissions().mode() & 0o7777, 0o750);
+    let seen = scanned(d.path(), "x");
+    let link = Version {
+        kind: Kind::Symlink {
+            target: b"elsewhere".to_vec(),
+        },
+        mode: 0o777,
+        mtime: Mtime::new(1, 0),
+        uid: 0,
+        gid: 0,
+    };
+    r.symlink(&rp("x"), &link, seen.as_ref(), None).unwrap();
+    assert_eq!(
+        std::fs::read_link(d.path().join("x")).unwrap().to_str(),
+        Some("elsewhere")
+    );
+    assert_eq!(names(d.path()), ["x"]);
+}
+
+#[test]
+fn set_meta_changes_only_metadata() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("f"), "same").unwrap();
+    let seen = scanned(d.path(), "f").unwrap();
+    let mut r = root(d.path());
+    let mut v = seen.version.clone();
+    v.mode = 0o600;
+    v.mtime = Mtime::new(1_234_567_890, 42);
+    r.set_meta(&rp("f"), &v, Some(&seen)).unwrap();
+    let m = std::fs::metadata(d.path().join("f")).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o600);
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_234_567_890, 42));
+    assert_eq!(std::fs::read_to_string(d.path().join("f")).unwrap(), "same");
+}

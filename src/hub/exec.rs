@@ -1,0 +1,617 @@
+//! Carrying out a plan on every replica at once, and recording what was agreed.
+//!
+//! Each replica receives its operations in an order that keeps its tree valid at
+//! every step: removals deepest first, then new directories parents first, then
+//! files and links, then directory permission changes. File content is read from
+//! the source replica in chunks and relayed by the hub to every destination that
+//! needs it, many files at a time but with a bounded number of bytes in flight, so
+//! memory stays flat whatever the file sizes and small files do not cost a round
+//! trip each.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::plan::{Action, HUB, Plan};
+use crate::proto::{CHUNK, Expect, Op, OpError, Request, Response};
+use crate::version::Kind;
+
+use super::Run;
+
+/// Bytes requested from sources and not yet handed to destinations' pipes.
+const IN_FLIGHT: u64 = 8 << 20;
+/// Files being received by destinations at once.
+const MAX_ACTIVE: usize = 128;
+/// Outstanding chunk requests per file.
+const READ_AHEAD: usize = 4;
+/// Agreed-state changes per commit frame.
+const COMMIT_CHUNK: usize = 4096;
+
+struct Task {
+    item: usize,
+    replica: usize,
+    action: Action,
+    phase: u8,
+    id: u32,
+    op: Option<Op>,
+    outcome: Option<Result<(), OpError>>,
+}
+
+struct Transfer {
+    item: usize,
+    source: usize,
+    size: u64,
+    next: u64,
+    received: u64,
+    outstanding: usize,
+    dests: Vec<usize>,
+    done: bool,
+}
+
+enum Waiting {
+    Task(usize),
+    Read { transfer: usize, len: u64 },
+}
+
+#[derive(Default)]
+pub(super) struct Exec {
+    tasks: Vec<Task>,
+    by_id: HashMap<(usize, u32), Waiting>,
+    transfers: Vec<Transfer>,
+    queue: VecDeque<usize>,
+    active: usize,
+    in_flight: u64,
+    /// Per replica: phase-D tasks not yet sent, and tasks of earlier phases not done.
+    later: Vec<Vec<usize>>,
+    earlier_left: Vec<usize>,
+    committed: Vec<bool>,
+}
+
+/// Per plan item, which replicas carried out their action successfully.
+pub(super) type Outcomes = Vec<Vec<(usize, bool)>>;
+
+impl Run<'_> {
+    /// Executes `plan`; returns per item which replicas succeeded.
+    pub(super) fn execute(&mut self, plan: &Plan) -> Outcomes {
+        let n = self.reps.len();
+        let mut ex = Exec {
+            later: vec![Vec::new(); n],
+            earlier_left: vec![0; n],
+            committed: vec![false; n],
+            ..Default::default()
+        };
+        for (ii, item) in plan.items.iter().enumerate() {
+            let mut file_dests = Vec::new();
+            for &(r, action) in &item.actions {
+                if !self.reps[r].taking_part() {
+                    continue;
+                }
+                let keep = (action == Action::KeepAndReplace).then(|| self.keep_suffix(r));
+                let expect = if action == Action::Create {
+                    Expect::Absent
+                } else {
+                    Expect::Scanned
+                };
+                let path = item.path.clone();
+                let (phase, op) = match (&item.result, action) {
+                    (None, _) => (0, Op::Remove { path }),
+                    (Some(v), Action::SetMeta) => (
+                        if v.is_dir() { 3 } else { 2 },
+                        Op::SetMeta {
+                            path,
+                            version: v.clone(),
+                        },
+                    ),
+                    (Some(v), _) => match v.kind {
+                        Kind::Dir => (
+                            1,
+                            Op::Mkdir {
+                                path,
+                                version: v.clone(),
+                                expect,
+                                keep,
+                            },
+                        ),
+                        Kind::Symlink { .. } => (
+                            2,
+                            Op::PutSymlink {
+                                path,
+                                version: v.clone(),
+                                expect,
+                                keep,
+                            },
+                        ),
+                        Kind::File { .. } => {
+                            file_dests.push(ex.tasks.len());
+                            (
+                                2,
+                                Op::PutFile {
+                                    path,
+                                    version: v.clone(),
+                                    expect,
+                                    keep,
+                                },
+                            )
+                        }
+                    },
+                };
+                let id = self.reps[r].conn.next_id();
+                if phase < 3 {
+                    ex.earlier_left[r] += 1;
+                }
+                ex.tasks.push(Task {
+                    item: ii,
+                    replica: r,
+                    action,
+                    phase,
+                    id,
+                    op: Some(op),
+                    outcome: None,
+                });
+            }
+            if !file_dests.is_empty() {
+                let size = item.result.as_ref().map_or(0, |v| v.size());
+                match item.source.filter(|&s| self.reps[s].taking_part()) {
+                    Some(source) => {
+                        ex.queue.push_back(ex.transfers.len());
+                        ex.transfers.push(Transfer {
+                            item: ii,
+                            source,
+                            size,
+                            next: 0,
+                            received: 0,
+                            outstanding: 0,
+                            dests: file_dests,
+                            done: false,
+                        });
+                    }
+                    None => {
+                        for t in file_dests {
+                            ex.tasks[t].outcome = Some(Err(OpError::Io(
+                                "no replica that holds the content takes part".into(),
+                            )));
+                            ex.earlier_left[ex.tasks[t].replica] -= 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Immediate operations, in the order that keeps each tree valid.
+        let mut order: Vec<usize> = (0..ex.tasks.len())
+            .filter(|&t| {
+                ex.tasks[t].outcome.is_none() && !matches!(ex.tasks[t].op, Some(Op::PutFile { .. }))
+            })
+            .collect();
+        order.sort_by(|&a, &b| {
+            let (x, y) = (&ex.tasks[a], &ex.tasks[b]);
+            let (px, py) = (&plan.items[x.item].path, &plan.items[y.item].path);
+            x.phase.cmp(&y.phase).then_with(|| {
+                if x.phase == 0 || x.phase == 3 {
+                    py.cmp(px)
+                } else {
+                    px.cmp(py)
+                }
+            })
+        });
+        for t in order {
+            if ex.tasks[t].phase == 3 {
+                ex.later[ex.tasks[t].replica].push(t);
+            } else {
+                self.send_task(&mut ex, t);
+            }
+        }
+        self.exec = Some(ex);
+        loop {
+            self.reap();
+            self.start_transfers(plan);
+            self.send_later();
+            let ex = self.exec.as_ref().expect("set above");
+            if ex.tasks.iter().all(|t| t.outcome.is_some()) {
+                break;
+            }
+            self.pump_once();
+        }
+        let ex = self.exec.take().expect("set above");
+        self.record(plan, &ex);
+        let mut outcomes: Outcomes = vec![Vec::new(); plan.items.len()];
+        for t in &ex.tasks {
+            outcomes[t.item].push((t.replica, matches!(t.outcome, Some(Ok(())))));
+        }
+        self.exec = Some(Exec {
+            committed: ex.committed,
+            ..Default::default()
+        });
+        outcomes
+    }
+
+    fn pump_once(&mut self) {
+        match self.rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(inc) => self.on_event(inc),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                for rep in &mut self.reps {
+                    rep.conn.fail("all connections ended".into());
+                }
+            }
+        }
+        self.check_timeouts();
+    }
+
+    fn send_task(&mut self, ex: &mut Exec, t: usize) {
+        let task = &mut ex.tasks[t];
+        let op = task.op.take().expect("sent once");
+        let rep = &mut self.reps[task.replica];
+        rep.conn.send(Request::Op { id: task.id, op });
+        rep.pending += 1;
+        ex.by_id.insert((task.replica, task.id), Waiting::Task(t));
+    }
+
+    /// Fails what depends on replicas that are gone.
+    fn reap(&mut self) {
+        let Some(mut ex) = self.exec.take() else {
+            return;
+        };
+        for t in 0..ex.tasks.len() {
+            let r = ex.tasks[t].replica;
+            if ex.tasks[t].outcome.is_none() && !self.reps[r].conn.alive {
+                let why = self.reps[r]
+                    .conn
+                    .failure
+                    .clone()
+                    .unwrap_or_else(|| "it failed".into());
+                finish_task(&mut ex, t, Err(OpError::Io(why)));
+            }
+        }
+        for tr in 0..ex.transfers.len() {
+            let x = &ex.transfers[tr];
+            if x.done || ex.queue.contains(&tr) && self.reps[x.source].conn.alive {
+                continue;
+            }
+            if !self.reps[x.source].conn.alive {
+                self.abort_transfer(&mut ex, tr, OpError::Io("its source replica failed".into()));
+            } else if x.dests.iter().all(|&d| ex.tasks[d].outcome.is_some()) {
+                ex.transfers[tr].done = true;
+                ex.active -= 1;
+            }
+        }
+        self.exec = Some(ex);
+    }
+
+    /// Starts queued transfers and asks for more data while the budget allows.
+    fn start_transfers(&mut self, plan: &Plan) {
+        let Some(mut ex) = self.exec.take() else {
+            return;
+        };
+        while ex.active < MAX_ACTIVE && ex.in_flight < IN_FLIGHT {
+            let Some(tr) = ex.queue.pop_front() else {
+                break;
+            };
+            ex.active += 1;
+            let dests = ex.transfers[tr].dests.clone();
+            for d in dests {
+                if ex.tasks[d].outcome.is_none() {
+                    self.send_task(&mut ex, d);
+                }
+            }
+            if ex.transfers[tr].size == 0 {
+                self.end_transfer(&mut ex, tr);
+            }
+        }
+        for tr in 0..ex.transfers.len() {
+            let x = &ex.transfers[tr];
+            if x.done || x.next >= x.size || ex.queue.contains(&tr) {
+                continue;
+            }
+            let path = plan.items[x.item].path.clone();
+            while ex.in_flight < IN_FLIGHT && ex.transfers[tr].outstanding < READ_AHEAD {
+                let x = &mut ex.transfers[tr];
+                if x.next >= x.size {
+                    break;
+                }
+                let len = (x.size - x.next).min(CHUNK as u64);
+                let rep = &mut self.reps[x.source];
+                let id = rep.conn.next_id();
+                rep.conn.send(Request::Read {
+                    id,
+                    path: path.clone(),
+                    offset: x.next,
+                    len: len as u32,
+                });
+                rep.pending += 1;
+                x.next += len;
+                x.outstanding += 1;
+                ex.in_flight += len;
+                ex.by_id
+                    .insert((x.source, id), Waiting::Read { transfer: tr, len });
+            }
+        }
+        self.exec = Some(ex);
+    }
+
+    /// Sends each replica its directory permission changes once everything else for
+    /// it is done (a directory made read-only earlier could refuse new files).
+    fn send_later(&mut self) {
+        let Some(mut ex) = self.exec.take() else {
+            return;
+        };
+        for r in 0..self.reps.len() {
+            if ex.earlier_left[r] == 0 && !ex.later[r].is_empty() {
+                for t in std::mem::take(&mut ex.later[r]) {
+                    self.send_task(&mut ex, t);
+                }
+            }
+        }
+        self.exec = Some(ex);
+    }
+
+    fn end_transfer(&mut self, ex: &mut Exec, tr: usize) {
+        let x = &mut ex.transfers[tr];
+        x.done = true;
+        ex.active -= 1;
+        for &d in &x.dests {
+            if ex.tasks[d].outcome.is_none() {
+                let task = &ex.tasks[d];
+                self.reps[task.replica]
+                    .conn
+                    .send(Request::End { id: task.id });
+            }
+        }
+    }
+
+    fn abort_transfer(&mut self, ex: &mut Exec, tr: usize, why: OpError) {
+        if ex.transfers[tr].done {
+            return;
+        }
+        if let Some(pos) = ex.queue.iter().position(|&q| q == tr) {
+            ex.queue.remove(pos);
+        } else {
+            ex.active -= 1;
+        }
+        ex.transfers[tr].done = true;
+        for d in ex.transfers[tr].dests.clone() {
+            if ex.tasks[d].outcome.is_none() {
+                let (r, id) = (ex.tasks[d].replica, ex.tasks[d].id);
+                // The destination drops its temp file; we do not wait for it.
+                self.reps[r].conn.send(Request::Abort { id });
+                ex.by_id.remove(&(r, id));
+                finish_task(ex, d, Err(why.clone()));
+                self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Handles an event of the execution and commit phases.
+    pub(super) fn on_exec_event(&mut self, r: usize, resp: Response) {
+        let Some(mut ex) = self.exec.take() else {
+            return;
+        };
+        match resp {
+            Response::Done { id, result } => match ex.by_id.remove(&(r, id)) {
+                Some(Waiting::Task(t)) => {
+                    self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
+                    finish_task(&mut ex, t, result);
+                }
+                Some(Waiting::Read { transfer, len }) => {
+                    self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
+                    ex.in_flight = ex.in_flight.saturating_sub(len);
+                    ex.transfers[transfer].outstanding -= 1;
+                    let err = result.err().unwrap_or(OpError::SourceChanged);
+                    self.abort_transfer(&mut ex, transfer, err);
+                }
+                None => {}
+            },
+            Response::Data { id, bytes } => {
+                if let Some(Waiting::Read { transfer: tr, len }) = ex.by_id.remove(&(r, id)) {
+                    self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
+                    ex.in_flight = ex.in_flight.saturating_sub(len);
+                    ex.transfers[tr].outstanding -= 1;
+                    if ex.transfers[tr].done {
+                        // aborted meanwhile
+                    } else if (bytes.len() as u64) < len {
+                        // The file shrank since it was scanned.
+                        self.abort_transfer(&mut ex, tr, OpError::SourceChanged);
+                    } else {
+                        ex.transfers[tr].received += bytes.len() as u64;
+                        let dests: Vec<usize> = ex.transfers[tr]
+                            .dests
+                            .iter()
+                            .copied()
+                            .filter(|&d| ex.tasks[d].outcome.is_none())
+                            .collect();
+                        let mut bytes = Some(bytes);
+                        for (k, &d) in dests.iter().enumerate() {
+                            let task = &ex.tasks[d];
+                            let data = if k + 1 == dests.len() {
+                                bytes.take().unwrap_or_default()
+                            } else {
+                                bytes.clone().unwrap_or_default()
+                            };
+                            ex.in_flight += data.len() as u64;
+                            self.reps[task.replica].conn.send(Request::Data {
+                                id: task.id,
+                                bytes: data,
+                            });
+                        }
+                        let x = &ex.transfers[tr];
+                        if x.received == x.size {
+                            self.end_transfer(&mut ex, tr);
+                        }
+                    }
+                }
+            }
+            Response::Committed => {
+                self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
+                ex.committed[r] = true;
+            }
+            _ => {}
+        }
+        self.exec = Some(ex);
+    }
+
+    pub(super) fn on_drained(&mut self, n: u64) {
+        if let Some(ex) = self.exec.as_mut() {
+            ex.in_flight = ex.in_flight.saturating_sub(n);
+        }
+    }
+
+    /// Fills the report from the outcome of every task.
+    fn record(&mut self, plan: &Plan, ex: &Exec) {
+        for t in &ex.tasks {
+            let item = &plan.items[t.item];
+            let rep = &mut self.reps[t.replica];
+            let label = rep.conn.label.clone();
+            match &t.outcome {
+                Some(Ok(())) => {
+                    let size = item.result.as_ref().map_or(0, |v| v.size());
+                    let verb = match t.action {
+                        Action::Remove => {
+                            rep.report.removed += 1;
+                            "removed"
+                        }
+                        Action::SetMeta => {
+                            rep.report.metadata += 1;
+                            "metadata"
+                        }
+                        Action::KeepAndReplace | Action::Create | Action::Replace => {
+                            // Directories are counted by the files they bring.
+                            if !item.result.as_ref().is_some_and(|v| v.is_dir()) {
+                                rep.report.files_in += 1;
+                                rep.report.bytes_in += size;
+                            }
+                            match t.action {
+                                Action::Create => "created",
+                                Action::Replace => "replaced",
+                                _ => "replaced (its own version kept as a conflict copy)",
+                            }
+                        }
+                    };
+                    self.report
+                        .actions
+                        .push(format!("{label}: {verb} {}", item.path));
+                }
+                Some(Err(e @ (OpError::Changed | OpError::SourceChanged))) => {
+                    rep.report.deferred += 1;
+                    self.report
+                        .warnings
+                        .push(format!("{label}: {}: {e}", item.path));
+                }
+                // A replica that failed as a whole is reported once, not per path.
+                Some(Err(e)) if rep.conn.alive => {
+                    rep.report.failed_actions += 1;
+                    self.report
+                        .errors
+                        .push(format!("{label}: {}: {e}", item.path));
+                }
+                Some(Err(_)) => {}
+                None => {}
+            }
+        }
+    }
+
+    /// Sends each peer the changes to its agreed state and saves ours once it has
+    /// saved its own.
+    pub(super) fn commit(&mut self, plan: &Plan, outcomes: &Outcomes) {
+        let ok = |item: usize, r: usize| outcomes[item].iter().all(|&(x, good)| x != r || good);
+        let mut new_states = Vec::new();
+        for i in 1..self.reps.len() {
+            let rep = &self.reps[i];
+            if !rep.taking_part() {
+                continue;
+            }
+            let changes: Vec<_> = plan
+                .items
+                .iter()
+                .enumerate()
+                .filter(|(ii, item)| item.agree.contains(&i) && ok(*ii, HUB) && ok(*ii, i))
+                .map(|(_, item)| (item.path.clone(), item.result.clone()))
+                .collect();
+            if changes.is_empty() && rep.shared {
+                continue;
+            }
+            let replica = rep
+                .opened
+                .as_ref()
+                .map(|o| o.replica)
+                .expect("opened before scanning");
+            let mut state = rep
+                .agreed
+                .clone()
+                .unwrap_or_else(|| crate::archive::Agreed::new(replica, Vec::new()));
+            state.peer_replica = replica;
+            state.apply(&changes);
+            let rep = &mut self.reps[i];
+            if rep.shared {
+                send_commit(rep, changes, state.token, false);
+            } else {
+                let all = state
+                    .entries()
+                    .iter()
+                    .map(|(p, v)| (p.clone(), Some(v.clone())))
+                    .collect();
+                send_commit(rep, all, state.token, true);
+            }
+            rep.pending += 1;
+            new_states.push((i, state));
+        }
+        let waiting: Vec<usize> = new_states.iter().map(|(i, _)| *i).collect();
+        self.pump(|run| {
+            waiting.iter().all(|&i| {
+                !run.reps[i].conn.alive || run.exec.as_ref().is_some_and(|e| e.committed[i])
+            })
+        });
+        for (i, state) in new_states {
+            let committed = self.exec.as_ref().is_some_and(|e| e.committed[i]);
+            let rep = &mut self.reps[i];
+            if !committed {
+                continue;
+            }
+            let path = rep.pair_path.clone().expect("peers have a pair path");
+            if let Err(e) = state.save(&path, &rep.conn.label) {
+                self.report.errors.push(format!(
+                    "cannot save the agreed state with {} at {}: {e}",
+                    rep.conn.label,
+                    path.display()
+                ));
+                rep.report.failed_actions += 1;
+            }
+            rep.agreed = Some(state);
+        }
+        self.exec = None;
+    }
+}
+
+fn finish_task(ex: &mut Exec, t: usize, result: Result<(), OpError>) {
+    let task = &mut ex.tasks[t];
+    if task.outcome.is_some() {
+        return;
+    }
+    task.outcome = Some(result);
+    if task.phase < 3 {
+        ex.earlier_left[task.replica] -= 1;
+    }
+}
+
+fn send_commit(
+    rep: &mut super::Rep,
+    changes: Vec<(crate::relpath::RelPath, Option<crate::version::Version>)>,
+    token: crate::archive::Token,
+    reset: bool,
+) {
+    let mut chunks = changes.chunks(COMMIT_CHUNK).peekable();
+    if chunks.peek().is_none() {
+        rep.conn.send(Request::Commit {
+            changes: Vec::new(),
+            token: Some(token),
+            reset,
+        });
+        return;
+    }
+    let mut first = true;
+    while let Some(c) = chunks.next() {
+        let last = chunks.peek().is_none();
+        rep.conn.send(Request::Commit {
+            changes: c.to_vec(),
+            token: last.then_some(token),
+            reset: reset && first,
+        });
+        first = false;
+    }
+}

@@ -1,0 +1,597 @@
+//! One `sync` run on the hub, from lock to unlock:
+//!
+//! ```text
+//! lock ─► open + scan every replica (in parallel) ─► safety checks ─► reconcile
+//!      ─► (dry-run: print, stop) ─► execute the plan ─► commit agreed states ─► close
+//! ```
+//!
+//! The hub's own root is a replica like the others (index 0, served on a thread);
+//! peers are `serve` processes. All responses arrive on one channel, so one loop
+//! drives every replica and a dead or silent peer is dropped without holding up the
+//! rest.
+
+mod conn;
+mod exec;
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+
+use crate::apply::conflict_time;
+use crate::archive::{Agreed, ReplicaId, StateError};
+use crate::config::{Settings, Target, sanitize};
+use crate::exclude::Excludes;
+use crate::lock::{Lock, LockError};
+use crate::plan::{Action, HUB, Plan, Reason};
+use crate::proto::{Open, Opened, PairStatus, Request, Response, ScanSummary};
+use crate::reconcile::{self, PeerInput, View};
+use crate::report::{ConflictReport, ReplicaReport, RunReport};
+use crate::server::state_dir;
+use crate::transport;
+use crate::version::{Entry, Mtime};
+
+use conn::{Conn, Event, Incoming};
+
+/// A run deletes at most this many files from a replica without `--force-deletions`,
+/// unless that is also at most half of its files.
+const HANDFUL: usize = 10;
+
+/// Why a run could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Locked(#[from] LockError),
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+/// What a run did.
+pub struct Outcome {
+    pub report: RunReport,
+    pub plan: Option<Plan>,
+    pub labels: Vec<String>,
+}
+
+/// The hub's view of one replica during a run.
+struct Rep {
+    conn: Conn,
+    url: String,
+    /// Peers: where the hub keeps its copy of this pair's agreed state.
+    pair_path: Option<PathBuf>,
+    agreed: Option<Agreed>,
+    /// The peer holds a copy of `agreed` with the same token (deltas possible).
+    shared: bool,
+    opened: Option<Opened>,
+    entries: Vec<Entry>,
+    scanned: Option<ScanSummary>,
+    /// Taken out of this run by a safety check.
+    refused: Option<String>,
+    report: ReplicaReport,
+    sent_at: Instant,
+    /// Requests sent that still await an answer.
+    pending: usize,
+}
+
+impl Rep {
+    fn taking_part(&self) -> bool {
+        self.conn.alive && self.refused.is_none() && self.scanned.is_some()
+    }
+}
+
+struct Run<'a> {
+    s: &'a Settings,
+    reps: Vec<Rep>,
+    rx: Receiver<Incoming>,
+    report: RunReport,
+    hub_id: ReplicaId,
+    /// Time part of this run's conflict-copy names.
+    stamp: String,
+    exec: Option<exec::Exec>,
+}
+
+/// Runs one synchronization as `s` says.
+pub fn run(s: &Settings) -> Result<Outcome, RunError> {
+    let started = Instant::now();
+    crate::scan::check_root(&s.root).context("the hub's root")?;
+    let hub_state = state_dir(&s.root);
+    let _lock = Lock::acquire(&s.root, &hub_state)?;
+    let (hub_id, _) = ReplicaId::load(&hub_state, !s.dry_run).context("the hub's replica id")?;
+    let hub_id = hub_id.unwrap_or_else(ReplicaId::random);
+    let excludes = Excludes::new(&s.excludes)?;
+
+    let (tx, rx) = mpsc::channel();
+    let mut report = RunReport {
+        dry_run: s.dry_run,
+        ..Default::default()
+    };
+    let mut reps = vec![Rep {
+        conn: Conn::in_process(HUB, "hub".into(), s.root.clone(), tx.clone()),
+        url: s.root.display().to_string(),
+        pair_path: None,
+        agreed: None,
+        shared: false,
+        opened: None,
+        entries: Vec::new(),
+        scanned: None,
+        refused: None,
+        report: ReplicaReport {
+            label: "hub".into(),
+            url: s.root.display().to_string(),
+            ..Default::default()
+        },
+        sent_at: Instant::now(),
+        pending: 0,
+    }];
+    for (i, p) in s.peers.iter().enumerate() {
+        let replica = i + 1;
+        let pair_path = hub_state.join("pairs").join(format!(
+            "peer-{}.state",
+            &blake3::hash(p.key.as_bytes()).to_hex()[..16]
+        ));
+        let agreed = match Agreed::load(&pair_path) {
+            Ok(mut a) => {
+                a.retain(|p| !excludes.excludes(p));
+                Some(a)
+            }
+            Err(StateError::Missing { .. }) => None,
+            Err(e) => {
+                report.warnings.push(format!(
+                    "peer {}: {e}; treating this as a first sync with it (nothing will be deleted)",
+                    p.label
+                ));
+                None
+            }
+        };
+        let url = match &p.target {
+            Target::Local(path) => path.display().to_string(),
+        };
+        let conn = match &p.target {
+            Target::Local(path) => match transport::spawn_local(&s.exe, path) {
+                Ok(link) => Conn::over(link, replica, p.label.clone(), tx.clone()),
+                Err(e) => {
+                    let mut c =
+                        Conn::in_process(replica, p.label.clone(), PathBuf::new(), tx.clone());
+                    c.fail(format!("cannot start `hubsync serve`: {e}"));
+                    c
+                }
+            },
+        };
+        reps.push(Rep {
+            conn,
+            url: url.clone(),
+            pair_path: Some(pair_path),
+            agreed,
+            shared: false,
+            opened: None,
+            entries: Vec::new(),
+            scanned: None,
+            refused: None,
+            report: ReplicaReport {
+                label: p.label.clone(),
+                url,
+                ..Default::default()
+            },
+            sent_at: Instant::now(),
+            pending: 0,
+        });
+    }
+    drop(tx);
+
+    let mut run = Run {
+        s,
+        reps,
+        rx,
+        report,
+        hub_id,
+        stamp: conflict_time(Mtime::now()),
+        exec: None,
+    };
+    let result = run.go();
+    run.finish(started);
+    let labels = run.labels();
+    let plan = result?;
+    Ok(Outcome {
+        report: run.report,
+        plan,
+        labels,
+    })
+}
+
+impl Run<'_> {
+    fn labels(&self) -> Vec<String> {
+        self.reps.iter().map(|r| r.conn.label.clone()).collect()
+    }
+
+    fn go(&mut self) -> Result<Option<Plan>, RunError> {
+        self.open_and_scan()?;
+        self.check_empty_roots();
+        let plan = self.plan();
+        self.report_conflicts(&plan);
+        if self.s.dry_run {
+            return Ok(Some(plan));
+        }
+        let outcomes = self.execute(&plan);
+        self.commit(&plan, &outcomes);
+        Ok(Some(plan))
+    }
+
+    /// Opens every replica and scans them all at once.
+    fn open_and_scan(&mut self) -> Result<(), RunError> {
+        for (i, rep) in self.reps.iter_mut().enumerate() {
+            let (pair, pair_replica) = match &rep.agreed {
+                Some(a) => (Some(a.token), Some(a.peer_replica)),
+                None => (None, None),
+            };
+            rep.sent_at = Instant::now();
+            rep.conn.last_heard = Instant::now();
+            rep.conn.send(Request::Open(Open {
+                hub: self.hub_id,
+                label: if i == HUB {
+                    "hub".into()
+                } else {
+                    rep.conn.label.clone()
+                },
+                excludes: self.s.excludes.clone(),
+                pair,
+                dry_run: self.s.dry_run,
+                pair_replica,
+            }));
+            rep.conn.send(Request::Scan);
+        }
+        self.pump(|run| {
+            run.reps
+                .iter()
+                .all(|r| !r.conn.alive || r.scanned.is_some())
+        });
+        let hub = &self.reps[HUB];
+        if !hub.conn.alive || hub.scanned.is_none() {
+            return Err(anyhow!(
+                "cannot scan the hub's root {}: {}",
+                self.s.root.display(),
+                hub.conn.failure.clone().unwrap_or_default()
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Waits for events until `done` holds, dropping replicas that go silent.
+    fn pump(&mut self, mut done: impl FnMut(&Run) -> bool) {
+        while !done(self) {
+            match self.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(inc) => self.on_event(inc),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.check_timeouts();
+        }
+    }
+
+    fn check_timeouts(&mut self) {
+        let limit = self.s.idle_timeout;
+        for rep in self.reps.iter_mut().skip(1) {
+            if rep.conn.alive && rep.conn.last_heard.elapsed() > limit && self_waiting(rep) {
+                let why = format!(
+                    "no answer for {:.0} s; giving up on it for this run",
+                    limit.as_secs_f64()
+                );
+                rep.conn.fail(why);
+            }
+        }
+    }
+
+    /// Handles an event of the open/scan phase (and what any phase has in common).
+    fn on_event(&mut self, inc: Incoming) {
+        let r = inc.replica;
+        let rep = &mut self.reps[r];
+        rep.conn.last_heard = Instant::now();
+        match inc.event {
+            Event::Response(Response::Opened(o)) => {
+                let rtt = rep.sent_at.elapsed();
+                let now = Mtime::now().as_nanos() - (rtt.as_nanos() / 2) as i128;
+                rep.report.clock_offset = Some((o.time.as_nanos() - now) as f64 / 1e9);
+                self.opened(r, o);
+            }
+            Event::Response(Response::Entries(mut e)) => {
+                if rep.entries.is_empty() {
+                    rep.entries = e;
+                } else {
+                    rep.entries.append(&mut e);
+                }
+            }
+            Event::Response(Response::ScanDone(summary)) => {
+                rep.scanned = Some(summary);
+                rep.report.scan = Some(summary);
+                if !rep.entries.is_sorted_by(|a, b| a.path < b.path) {
+                    rep.conn.fail("it sent its scan out of order".into());
+                }
+                if !summary.delta {
+                    // A full listing never needs a base; a delta needs ours.
+                    rep.shared = false;
+                } else if rep.agreed.is_none() {
+                    rep.conn
+                        .fail("it sent a delta against an agreed state we do not have".into());
+                }
+            }
+            Event::Response(Response::Warning(w)) => {
+                let label = rep.conn.label.clone();
+                self.report.warnings.push(format!("{label}: {w}"));
+            }
+            Event::Response(Response::Fatal(msg)) => rep.conn.fail(msg),
+            Event::Response(Response::Progress { .. }) => {}
+            Event::Closed(why) => {
+                if rep.conn.alive {
+                    let stderr = rep.conn.stderr();
+                    let mut msg =
+                        why.unwrap_or_else(|| "the connection closed unexpectedly".into());
+                    if !stderr.is_empty() {
+                        msg = format!("{msg}; it said: {stderr}");
+                    }
+                    rep.conn.fail(msg);
+                }
+            }
+            Event::Response(other) => self.on_exec_event(r, other),
+            Event::Drained(n) => self.on_drained(n),
+        }
+    }
+
+    /// Checks what a peer said about itself against what we remember of it.
+    fn opened(&mut self, r: usize, o: Opened) {
+        let rep = &mut self.reps[r];
+        if let (true, Some(a)) = (r != HUB, &rep.agreed) {
+            let why = if a.peer_replica != o.replica {
+                // An empty root keeps its agreed state until the unmounted-disk check.
+                (!o.root_was_empty).then(|| {
+                    "it is not the replica it was at the last sync (its .hubsync directory is new)"
+                        .to_string()
+                })
+            } else {
+                match &o.pair {
+                    PairStatus::Present(t) => {
+                        rep.shared = *t == a.token;
+                        None
+                    }
+                    PairStatus::None => Some("it has no record of the last sync".to_string()),
+                    PairStatus::Unreadable(e) => Some(e.clone()),
+                }
+            };
+            if let Some(why) = why {
+                self.report.warnings.push(format!(
+                    "peer {}: {why}; treating this as a first sync (nothing will be deleted)",
+                    rep.conn.label
+                ));
+                rep.agreed = None;
+            }
+        }
+        rep.opened = Some(o);
+    }
+
+    /// A replica whose root is empty (not even a state directory) although the last
+    /// sync left files there looks like an unmounted disk: it takes no part.
+    fn check_empty_roots(&mut self) {
+        for rep in self.reps.iter_mut().skip(1) {
+            let (Some(o), Some(a)) = (&rep.opened, &rep.agreed) else {
+                continue;
+            };
+            if o.root_was_empty && a.files() > 0 && !self.s.force_deletions {
+                rep.refused = Some(format!(
+                    "its root {} is empty, but the last sync left {} files there; it looks unmounted or wiped, so nothing was copied to it or deleted because of it. Mount it, or if it really is meant to be empty, run again with --force-deletions",
+                    rep.url,
+                    a.files()
+                ));
+            }
+            if o.root_was_empty && a.peer_replica != o.replica {
+                // After the check (or with --force-deletions): a fresh replica.
+                rep.agreed = None;
+            }
+        }
+    }
+
+    /// Reconciles, taking out peers whose changes would delete too much.
+    fn plan(&mut self) -> Plan {
+        loop {
+            let plan = {
+                let input = reconcile::Input {
+                    hub: &self.reps[HUB].entries,
+                    peers: self.reps[1..]
+                        .iter()
+                        .map(|rep| PeerInput {
+                            view: rep.taking_part().then(|| {
+                                if rep.scanned.is_some_and(|s| s.delta) {
+                                    View::Delta(&rep.entries)
+                                } else {
+                                    View::Full(&rep.entries)
+                                }
+                            }),
+                            agreed: rep.agreed.as_ref().map(|a| a.entries()),
+                        })
+                        .collect(),
+                };
+                reconcile::reconcile(&input)
+            };
+            if self.s.force_deletions || !self.refuse_mass_deletions(&plan) {
+                return plan;
+            }
+        }
+    }
+
+    /// Returns true if it took some peer out of the run.
+    fn refuse_mass_deletions(&mut self, plan: &Plan) -> bool {
+        let mut refused = false;
+        for victim in 0..self.reps.len() {
+            let files = self.reps[victim].scanned.map_or(0, |s| s.files) as usize;
+            let removes: Vec<&crate::plan::Item> = plan
+                .items
+                .iter()
+                .filter(|i| {
+                    i.actions
+                        .iter()
+                        .any(|&(r, a)| r == victim && a == Action::Remove)
+                        && i.result.is_none()
+                        && !self.reps[victim].entries_is_dir(&i.path)
+                })
+                .collect();
+            if removes.len() <= HANDFUL || removes.len() * 2 <= files {
+                continue;
+            }
+            let mut origins: Vec<usize> = Vec::new();
+            for i in &removes {
+                if let Reason::Deleted { on } = &i.reason {
+                    origins.extend(on);
+                }
+            }
+            origins.sort();
+            origins.dedup();
+            let victim_label = self.reps[victim].conn.label.clone();
+            let targets: Vec<usize> = if origins.contains(&HUB) || origins.is_empty() {
+                if victim == HUB { vec![] } else { vec![victim] }
+            } else {
+                origins
+            };
+            for t in targets {
+                let rep = &mut self.reps[t];
+                if rep.refused.is_none() {
+                    rep.refused = Some(format!(
+                        "this run would delete {} of the {files} files on {victim_label}; that looks like a replica that was emptied or unmounted, so {} takes no part. If the deletions are intended, run again with --force-deletions",
+                        removes.len(),
+                        rep.conn.label
+                    ));
+                    refused = true;
+                }
+            }
+        }
+        refused
+    }
+
+    fn report_conflicts(&mut self, plan: &Plan) {
+        for item in plan.conflicts() {
+            let Reason::Conflict {
+                winner,
+                losers,
+                rule,
+            } = &item.reason
+            else {
+                continue;
+            };
+            let losers = losers
+                .iter()
+                .map(|&l| {
+                    let keeps = item
+                        .actions
+                        .iter()
+                        .any(|&(r, a)| r == l && a == Action::KeepAndReplace);
+                    let rep = &self.reps[l];
+                    let kept = keeps.then(|| {
+                        let rel = format!("{}.conflict-{}", item.path, self.keep_suffix(l));
+                        let root = if l == HUB {
+                            self.s.root.display().to_string()
+                        } else {
+                            rep.url.clone()
+                        };
+                        format!("{root}/.hubsync/conflicts/{rel}")
+                    });
+                    (rep.conn.label.clone(), kept)
+                })
+                .collect();
+            self.report.conflicts.push(ConflictReport {
+                path: item.path.to_string(),
+                winner: self.reps[*winner].conn.label.clone(),
+                rule: *rule,
+                losers,
+            });
+        }
+    }
+
+    /// The suffix of conflict copies kept on replica `r` in this run.
+    fn keep_suffix(&self, r: usize) -> String {
+        format!("{}-{}", self.stamp, sanitize(&self.reps[r].conn.label))
+    }
+
+    /// Closes every connection and fills in the report.
+    fn finish(&mut self, started: Instant) {
+        for rep in &mut self.reps {
+            rep.conn.close();
+        }
+        for rep in &mut self.reps {
+            if let Some(exit) = rep.conn.wait(Duration::from_secs(10))
+                && rep.conn.failure.is_none()
+            {
+                let stderr = rep.conn.stderr();
+                rep.conn.failure = Some(if stderr.is_empty() {
+                    exit
+                } else {
+                    format!("{exit}: {stderr}")
+                });
+            }
+        }
+        // Drain what the closing replicas still say (warnings about their caches).
+        while let Ok(inc) = self.rx.recv_timeout(Duration::from_millis(20)) {
+            if let Event::Response(Response::Warning(w)) = inc.event {
+                let label = self.reps[inc.replica].conn.label.clone();
+                self.report.warnings.push(format!("{label}: {w}"));
+            }
+        }
+        let mut failed = 0;
+        for rep in &mut self.reps {
+            let (sent, received) = rep.conn.wire();
+            rep.report.wire_sent = sent;
+            rep.report.wire_received = received;
+            rep.report.status = if let Some(why) = &rep.refused {
+                rep.report.error = Some(why.clone());
+                "refused"
+            } else if let Some(why) = &rep.conn.failure {
+                rep.report.error = Some(why.clone());
+                "failed"
+            } else {
+                "ok"
+            };
+            if rep.report.status != "ok" {
+                failed += 1;
+                self.report.errors.push(format!(
+                    "{} {}: {}",
+                    if rep.pair_path.is_none() {
+                        "hub"
+                    } else {
+                        "peer"
+                    },
+                    rep.conn.label,
+                    rep.report.error.clone().unwrap_or_default()
+                ));
+            } else if rep.report.failed_actions > 0 {
+                failed += 1;
+            }
+        }
+        let peers = self.reps.len() - 1;
+        let hub_failed =
+            self.reps[HUB].report.status != "ok" || self.reps[HUB].report.failed_actions > 0;
+        let (result, code) = if failed == 0 {
+            ("ok", 0)
+        } else if hub_failed || failed >= peers {
+            ("failed", 1)
+        } else {
+            ("partial", 2)
+        };
+        self.report.result = result;
+        self.report.exit_code = code;
+        self.report.seconds = started.elapsed().as_secs_f64();
+        self.report.replicas = self.reps.iter().map(|r| r.report.clone()).collect();
+    }
+}
+
+impl Rep {
+    fn entries_is_dir(&self, path: &crate::relpath::RelPath) -> bool {
+        self.entries
+            .binary_search_by(|e| e.path.cmp(path))
+            .ok()
+            .and_then(|i| self.entries[i].state.version())
+            .or_else(|| self.agreed.as_ref().and_then(|a| a.get(path)))
+            .is_some_and(|v| v.is_dir())
+    }
+}
+
+/// Whether we are waiting for this replica to say something.
+fn self_waiting(rep: &Rep) -> bool {
+    rep.scanned.is_none() || rep.pending > 0
+}
