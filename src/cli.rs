@@ -74,6 +74,9 @@ pub struct SyncArgs {
     /// Give up on a peer that says nothing for this long (e.g. 30s, 2m).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The command that runs hubsync on a peer, e.g. /usr/local/bin/hubsync.
+    #[arg(long, value_name = "COMMAND")]
+    pub remote_command: Option<String>,
 }
 
 /// Parses `10s`, `500ms`, `2m`, or a plain number of seconds.
@@ -128,6 +131,7 @@ fn sync(a: SyncArgs) -> u8 {
         verbosity,
         a.json,
         a.timeout,
+        a.remote_command,
     ) {
         Ok(s) => s,
         Err(e) => {

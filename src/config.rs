@@ -40,6 +40,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// This executable, started as `serve` for local peers.
     pub exe: PathBuf,
+    /// Runs `serve` instead of `exe` (through `sh -c`), e.g. `/usr/local/bin/hubsync`.
+    pub remote_command: Option<String>,
 }
 
 /// Makes `p` absolute against the current directory without resolving symlinks
@@ -65,6 +67,7 @@ impl Settings {
         verbosity: Verbosity,
         json: bool,
         idle_timeout: Duration,
+        remote_command: Option<String>,
     ) -> Result<Settings> {
         let root = absolute(root)?;
         Excludes::new(&excludes)?;
@@ -113,6 +116,7 @@ impl Settings {
             json,
             idle_timeout,
             exe: std::env::current_exe().context("cannot find the hubsync executable")?,
+            remote_command,
         })
     }
 }

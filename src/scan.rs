@@ -25,9 +25,18 @@ use crate::exclude::{Excludes, is_temp_name};
 use crate::relpath::RelPath;
 use crate::version::{Hash, Kind, Mtime, Version};
 
-/// How far back a change must lie before a cached hash is trusted: kernel timestamps
-/// advance in ticks of a few milliseconds, so two writes inside one tick look alike.
-const RACY_WINDOW: i128 = 2_000_000_000;
+/// How far back a file's last change must lie, when we hash it, for the hash to be
+/// trusted later on stat alone: kernel timestamps advance in ticks of a few
+/// milliseconds, so a second write inside the tick of our stat would go unseen.
+/// Filesystems that keep whole seconds (ctime without nanoseconds) get a wider window.
+fn trusted_at(now: Mtime, ctime: Mtime) -> bool {
+    let window: i128 = if ctime.nanos == 0 {
+        2_000_000_000
+    } else {
+        100_000_000
+    };
+    now.as_nanos() - ctime.as_nanos() > window
+}
 const HASH_ATTEMPTS: usize = 3;
 
 /// The part of a file's stat that, together with size and mtime, says "unchanged".
@@ -211,7 +220,7 @@ pub fn scan(
             gid: meta.gid(),
         };
         let stat = StatKey::of(&meta);
-        let trusted = now.as_nanos() - stat.ctime.as_nanos() > RACY_WINDOW;
+        let trusted = trusted_at(now, stat.ctime);
         let ft = meta.file_type();
         let kind = if ft.is_dir() {
             snap.stats.dirs += 1;
@@ -244,9 +253,10 @@ pub fn scan(
             });
             match reuse {
                 Some(c) => {
-                    // Size, mtime and stat key matched in the filter above.
-                    let exact = trusted
-                        && c.version.mode == v.mode
+                    // Size, mtime and stat key matched in the filter above, and the
+                    // hash was trusted when taken: it stays trusted.
+                    let trusted = true;
+                    let exact = c.version.mode == v.mode
                         && c.version.uid == v.uid
                         && c.version.gid == v.gid;
                     reused_exact += usize::from(exact);
@@ -311,7 +321,7 @@ pub fn scan(
                 e.version.mode = meta.mode() & 0o7777;
                 e.version.mtime = Mtime::new(meta.mtime(), meta.mtime_nsec() as u32);
                 e.stat = StatKey::of(&meta);
-                e.trusted = now.as_nanos() - e.stat.ctime.as_nanos() > RACY_WINDOW;
+                e.trusted = trusted_at(Mtime::now(), e.stat.ctime);
             }
             HashOutcome::Gone => gone.push(i),
             HashOutcome::Unstable(why) => {

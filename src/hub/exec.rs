@@ -43,6 +43,7 @@ struct Transfer {
     received: u64,
     outstanding: usize,
     dests: Vec<usize>,
+    started: bool,
     done: bool,
 }
 
@@ -57,8 +58,13 @@ pub(super) struct Exec {
     by_id: HashMap<(usize, u32), Waiting>,
     transfers: Vec<Transfer>,
     queue: VecDeque<usize>,
-    active: usize,
+    /// Started transfers that are not done (at most `MAX_ACTIVE`).
+    active: Vec<usize>,
     in_flight: u64,
+    /// Tasks without an outcome yet.
+    remaining: usize,
+    /// Replicas known dead at the last `reap`.
+    dead_seen: usize,
     /// Per replica: phase-D tasks not yet sent, and tasks of earlier phases not done.
     later: Vec<Vec<usize>>,
     earlier_left: Vec<usize>,
@@ -137,6 +143,7 @@ impl Run<'_> {
                 if phase < 3 {
                     ex.earlier_left[r] += 1;
                 }
+                ex.remaining += 1;
                 ex.tasks.push(Task {
                     item: ii,
                     replica: r,
@@ -160,15 +167,15 @@ impl Run<'_> {
                             received: 0,
                             outstanding: 0,
                             dests: file_dests,
+                            started: false,
                             done: false,
                         });
                     }
                     None => {
                         for t in file_dests {
-                            ex.tasks[t].outcome = Some(Err(OpError::Io(
-                                "no replica that holds the content takes part".into(),
-                            )));
-                            ex.earlier_left[ex.tasks[t].replica] -= 1;
+                            let why =
+                                OpError::Io("no replica that holds the content takes part".into());
+                            finish_task(&mut ex, t, Err(why));
                         }
                     }
                 }
@@ -204,7 +211,7 @@ impl Run<'_> {
             self.start_transfers(plan);
             self.send_later();
             let ex = self.exec.as_ref().expect("set above");
-            if ex.tasks.iter().all(|t| t.outcome.is_some()) {
+            if ex.remaining == 0 {
                 break;
             }
             self.pump_once();
@@ -244,32 +251,40 @@ impl Run<'_> {
         ex.by_id.insert((task.replica, task.id), Waiting::Task(t));
     }
 
-    /// Fails what depends on replicas that are gone.
+    /// Fails what depends on replicas that are gone (only when one has gone since
+    /// the last look: this runs once per event).
     fn reap(&mut self) {
+        let dead = self.reps.iter().filter(|r| !r.conn.alive).count();
         let Some(mut ex) = self.exec.take() else {
             return;
         };
-        for t in 0..ex.tasks.len() {
-            let r = ex.tasks[t].replica;
-            if ex.tasks[t].outcome.is_none() && !self.reps[r].conn.alive {
-                let why = self.reps[r]
-                    .conn
-                    .failure
-                    .clone()
-                    .unwrap_or_else(|| "it failed".into());
-                finish_task(&mut ex, t, Err(OpError::Io(why)));
+        if dead != ex.dead_seen {
+            ex.dead_seen = dead;
+            for t in 0..ex.tasks.len() {
+                let r = ex.tasks[t].replica;
+                if ex.tasks[t].outcome.is_none() && !self.reps[r].conn.alive {
+                    let why = self.reps[r]
+                        .conn
+                        .failure
+                        .clone()
+                        .unwrap_or_else(|| "it failed".into());
+                    finish_task(&mut ex, t, Err(OpError::Io(why)));
+                }
             }
-        }
-        for tr in 0..ex.transfers.len() {
-            let x = &ex.transfers[tr];
-            if x.done || ex.queue.contains(&tr) && self.reps[x.source].conn.alive {
-                continue;
-            }
-            if !self.reps[x.source].conn.alive {
-                self.abort_transfer(&mut ex, tr, OpError::Io("its source replica failed".into()));
-            } else if x.dests.iter().all(|&d| ex.tasks[d].outcome.is_some()) {
-                ex.transfers[tr].done = true;
-                ex.active -= 1;
+            for tr in 0..ex.transfers.len() {
+                let x = &ex.transfers[tr];
+                if x.done {
+                    continue;
+                }
+                if !self.reps[x.source].conn.alive {
+                    self.abort_transfer(
+                        &mut ex,
+                        tr,
+                        OpError::Io("its source replica failed".into()),
+                    );
+                } else if x.dests.iter().all(|&d| ex.tasks[d].outcome.is_some()) {
+                    mark_done(&mut ex, tr);
+                }
             }
         }
         self.exec = Some(ex);
@@ -280,11 +295,15 @@ impl Run<'_> {
         let Some(mut ex) = self.exec.take() else {
             return;
         };
-        while ex.active < MAX_ACTIVE && ex.in_flight < IN_FLIGHT {
+        while ex.active.len() < MAX_ACTIVE && ex.in_flight < IN_FLIGHT {
             let Some(tr) = ex.queue.pop_front() else {
                 break;
             };
-            ex.active += 1;
+            if ex.transfers[tr].done {
+                continue; // aborted before it started
+            }
+            ex.transfers[tr].started = true;
+            ex.active.push(tr);
             let dests = ex.transfers[tr].dests.clone();
             for d in dests {
                 if ex.tasks[d].outcome.is_none() {
@@ -295,9 +314,10 @@ impl Run<'_> {
                 self.end_transfer(&mut ex, tr);
             }
         }
-        for tr in 0..ex.transfers.len() {
+        for k in 0..ex.active.len() {
+            let tr = ex.active[k];
             let x = &ex.transfers[tr];
-            if x.done || x.next >= x.size || ex.queue.contains(&tr) {
+            if x.done || x.next >= x.size {
                 continue;
             }
             let path = plan.items[x.item].path.clone();
@@ -343,9 +363,8 @@ impl Run<'_> {
     }
 
     fn end_transfer(&mut self, ex: &mut Exec, tr: usize) {
-        let x = &mut ex.transfers[tr];
-        x.done = true;
-        ex.active -= 1;
+        mark_done(ex, tr);
+        let x = &ex.transfers[tr];
         for &d in &x.dests {
             if ex.tasks[d].outcome.is_none() {
                 let task = &ex.tasks[d];
@@ -360,12 +379,7 @@ impl Run<'_> {
         if ex.transfers[tr].done {
             return;
         }
-        if let Some(pos) = ex.queue.iter().position(|&q| q == tr) {
-            ex.queue.remove(pos);
-        } else {
-            ex.active -= 1;
-        }
-        ex.transfers[tr].done = true;
+        mark_done(ex, tr);
         for d in ex.transfers[tr].dests.clone() {
             if ex.tasks[d].outcome.is_none() {
                 let (r, id) = (ex.tasks[d].replica, ex.tasks[d].id);
@@ -578,12 +592,23 @@ impl Run<'_> {
     }
 }
 
+/// A transfer needs nothing more from its source (finished or given up).
+fn mark_done(ex: &mut Exec, tr: usize) {
+    ex.transfers[tr].done = true;
+    if ex.transfers[tr].started
+        && let Some(pos) = ex.active.iter().position(|&a| a == tr)
+    {
+        ex.active.swap_remove(pos);
+    }
+}
+
 fn finish_task(ex: &mut Exec, t: usize, result: Result<(), OpError>) {
     let task = &mut ex.tasks[t];
     if task.outcome.is_some() {
         return;
     }
     task.outcome = Some(result);
+    ex.remaining -= 1;
     if task.phase < 3 {
         ex.earlier_left[task.replica] -= 1;
     }

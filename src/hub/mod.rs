@@ -148,15 +148,17 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
             Target::Local(path) => path.display().to_string(),
         };
         let conn = match &p.target {
-            Target::Local(path) => match transport::spawn_local(&s.exe, path) {
-                Ok(link) => Conn::over(link, replica, p.label.clone(), tx.clone()),
-                Err(e) => {
-                    let mut c =
-                        Conn::in_process(replica, p.label.clone(), PathBuf::new(), tx.clone());
-                    c.fail(format!("cannot start `hubsync serve`: {e}"));
-                    c
+            Target::Local(path) => {
+                match transport::spawn_local(&s.exe, s.remote_command.as_deref(), path) {
+                    Ok(link) => Conn::over(link, replica, p.label.clone(), tx.clone()),
+                    Err(e) => {
+                        let mut c =
+                            Conn::in_process(replica, p.label.clone(), PathBuf::new(), tx.clone());
+                        c.fail(format!("cannot start `hubsync serve`: {e}"));
+                        c
+                    }
                 }
-            },
+            }
         };
         reps.push(Rep {
             conn,
@@ -211,6 +213,10 @@ impl Run<'_> {
         self.report_conflicts(&plan);
         if self.s.dry_run {
             return Ok(Some(plan));
+        }
+        // Test hook: lets integration tests change a tree between scan and apply.
+        if let Ok(cmd) = std::env::var("HUBSYNC_TEST_BEFORE_APPLY") {
+            let _ = std::process::Command::new("sh").arg("-c").arg(cmd).status();
         }
         let outcomes = self.execute(&plan);
         self.commit(&plan, &outcomes);

@@ -80,13 +80,24 @@ pub fn spawn(argv: &[String]) -> io::Result<Link> {
     })
 }
 
-/// A local peer: this executable as `serve ROOT`.
-pub fn spawn_local(exe: &Path, root: &Path) -> io::Result<Link> {
-    spawn(&[
-        exe.display().to_string(),
-        "serve".into(),
-        root.display().to_string(),
-    ])
+/// A local peer: this executable as `serve ROOT`, or `COMMAND serve ROOT` through
+/// the shell when a command is given.
+pub fn spawn_local(exe: &Path, command: Option<&str>, root: &Path) -> io::Result<Link> {
+    match command {
+        None => spawn(&[
+            exe.display().to_string(),
+            "serve".into(),
+            root.display().to_string(),
+        ]),
+        Some(cmd) => spawn(&[
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "{cmd} serve {}",
+                crate::util::shell_quote(&root.display().to_string())
+            ),
+        ]),
+    }
 }
 
 impl End for ChildEnd {

@@ -1,0 +1,561 @@
+//! The core engine, driven through the real binary on temp directories.
+
+mod common;
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+
+use common::*;
+
+const T0: i64 = 1_700_000_000;
+
+#[test]
+fn create_modify_delete_travel_in_every_direction() {
+    let e = Env::new(3);
+    e.write(0, "base.txt", "base", T0);
+    e.sync_ok(&[]);
+    e.assert_converged();
+    for src in 0..3 {
+        let name = format!("from{src}.txt");
+        e.write(src, &name, &format!("made on r{src}"), T0 + 10 + src as i64);
+        e.sync_ok(&[]);
+        e.assert_converged();
+        assert_eq!(e.read((src + 1) % 3, &name), format!("made on r{src}"));
+
+        e.write(src, &name, "edited", T0 + 20 + src as i64);
+        e.sync_ok(&[]);
+        e.assert_converged();
+        assert_eq!(e.read((src + 2) % 3, &name), "edited");
+
+        std::fs::remove_file(e.p(src, &name)).unwrap();
+        e.sync_ok(&[]);
+        e.assert_converged();
+        assert!(!e.exists((src + 1) % 3, &name));
+    }
+    assert_eq!(e.read(2, "base.txt"), "base");
+}
+
+#[test]
+fn a_change_on_one_peer_reaches_the_other_peer_in_the_same_run() {
+    let e = Env::new(3);
+    e.sync_ok(&[]);
+    e.write(2, "ns/page.txt", "from peer 2", T0);
+    let r = e.sync_ok(&["--json"]);
+    assert_eq!(e.read(1, "ns/page.txt"), "from peer 2");
+    assert_eq!(e.read(0, "ns/page.txt"), "from peer 2");
+    let j = r.json();
+    assert_eq!(j["result"], "ok");
+    assert_eq!(j["replicas"][1]["files_in"], 1);
+}
+
+#[test]
+fn mtime_to_the_nanosecond_and_mode_are_kept() {
+    let e = Env::new(2);
+    write_at(&e.p(1, "precise.txt"), b"x", T0, 123_456_789);
+    std::fs::set_permissions(e.p(1, "precise.txt"), PermissionsExt::from_mode(0o640)).unwrap();
+    std::fs::create_dir(e.p(1, "private")).unwrap();
+    std::fs::set_permissions(e.p(1, "private"), PermissionsExt::from_mode(0o710)).unwrap();
+    std::fs::create_dir(e.p(1, "empty")).unwrap();
+    e.sync_ok(&[]);
+    assert_eq!(mtime_ns(&e.p(0, "precise.txt")), (T0, 123_456_789));
+    e.assert_converged();
+    // A mode-only change and an mtime-only change travel too.
+    std::fs::set_permissions(e.p(0, "precise.txt"), PermissionsExt::from_mode(0o600)).unwrap();
+    e.sync_ok(&[]);
+    e.assert_converged();
+    set_mtime(&e.p(1, "precise.txt"), T0 + 5, 5);
+    e.sync_ok(&[]);
+    assert_eq!(mtime_ns(&e.p(0, "precise.txt")), (T0 + 5, 5));
+    e.assert_converged();
+    assert!(e.p(0, "empty").is_dir(), "empty directories are synced");
+}
+
+#[test]
+fn conflicting_edits_newest_wins_and_the_loser_is_kept_where_it_was() {
+    let e = Env::new(3);
+    e.write(0, "wiki/start.txt", "v0", T0);
+    e.sync_ok(&[]);
+    e.write(1, "wiki/start.txt", "alice's edit", T0 + 100);
+    e.write(2, "wiki/start.txt", "bob's edit", T0 + 200);
+    let r = e.sync_ok(&[]);
+    e.assert_converged();
+    assert_eq!(e.read(0, "wiki/start.txt"), "bob's edit");
+    let kept = find(&e.p(1, ".hubsync/conflicts"), "start.txt.conflict-");
+    assert_eq!(kept.len(), 1, "{}", e.dump());
+    assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), "alice's edit");
+    assert!(
+        kept[0].to_string_lossy().contains("-r1"),
+        "replica in the name: {kept:?}"
+    );
+    assert_eq!(
+        mtime_ns(&kept[0]).0,
+        T0 + 100,
+        "the kept copy keeps its mtime"
+    );
+    assert!(r.stderr().contains("conflict"), "{}", r.stderr());
+    assert!(
+        r.stderr().contains(&kept[0].display().to_string()),
+        "{}",
+        r.stderr()
+    );
+    // The hub held the unchanged base: nothing of it needs keeping.
+    assert!(find(&e.r(0), "conflict-").is_empty());
+    // A second run has nothing to do.
+    let j = e.sync_ok(&["--json"]).json();
+    assert!(j["plan"].as_array().unwrap().is_empty(), "{j}");
+}
+
+#[test]
+fn equal_mtimes_are_decided_the_same_way_whatever_the_order() {
+    let mut winners = Vec::new();
+    for swap in [false, true] {
+        let e = Env::new(2);
+        e.write(0, "f", "base", T0);
+        e.sync_ok(&[]);
+        let (a, b) = if swap { ("two", "one") } else { ("one", "two") };
+        e.write(0, "f", a, T0 + 50);
+        e.write(1, "f", b, T0 + 50);
+        e.sync_ok(&[]);
+        e.assert_converged();
+        winners.push(e.read(0, "f"));
+        let losers = find(&e.r(0), "f.conflict-").len() + find(&e.r(1), "f.conflict-").len();
+        assert_eq!(losers, 1);
+    }
+    assert_eq!(winners[0], winners[1]);
+}
+
+#[test]
+fn a_modification_beats_a_deletion() {
+    let e = Env::new(3);
+    e.write(0, "doc.txt", "v0", T0);
+    e.sync_ok(&[]);
+    std::fs::remove_file(e.p(1, "doc.txt")).unwrap();
+    e.write(2, "doc.txt", "edited", T0 + 1);
+    e.sync_ok(&[]);
+    e.assert_converged();
+    assert_eq!(e.read(1, "doc.txt"), "edited");
+}
+
+#[test]
+fn first_sync_is_a_union_and_deletes_nothing() {
+    let e = Env::new(2);
+    e.write(0, "only-hub", "h", T0);
+    e.write(1, "only-peer", "p", T0);
+    e.write(0, "both", "older", T0);
+    e.write(1, "both", "newer", T0 + 1);
+    e.write(0, "same", "same", T0);
+    e.write(1, "same", "same", T0);
+    e.sync_ok(&[]);
+    e.assert_converged();
+    assert_eq!(e.read(0, "only-peer"), "p");
+    assert_eq!(e.read(1, "only-hub"), "h");
+    assert_eq!(e.read(0, "both"), "newer");
+    let kept = find(&e.r(0), "both.conflict-");
+    assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), "older");
+}
+
+#[test]
+fn directories_go_only_when_emptied_everywhere() {
+    let e = Env::new(3);
+    e.write(0, "ns/a", "a", T0);
+    e.write(0, "ns/b", "b", T0);
+    e.sync_ok(&[]);
+    std::fs::remove_dir_all(e.p(1, "ns")).unwrap();
+    e.write(2, "ns/new", "n", T0 + 1);
+    e.sync_ok(&[]);
+    e.assert_converged();
+    assert_eq!(e.listing(0).keys().collect::<Vec<_>>(), ["ns", "ns/new"]);
+    std::fs::remove_dir_all(e.p(2, "ns")).unwrap();
+    e.sync_ok(&[]);
+    e.assert_converged();
+    assert!(e.listing(1).is_empty());
+}
+
+#[test]
+fn type_changes_between_file_directory_and_symlink() {
+    let e = Env::new(3);
+    e.write(0, "x", "file", T0);
+    e.write(0, "y", "file", T0);
+    e.sync_ok(&[]);
+    std::fs::remove_file(e.p(1, "x")).unwrap();
+    e.write(1, "x/inside", "now a dir", T0 + 1);
+    std::fs::remove_file(e.p(2, "y")).unwrap();
+    symlink("x/inside", e.p(2, "y")).unwrap();
+    e.sync_ok(&[]);
+    e.assert_converged();
+    assert_eq!(e.read(0, "x/inside"), "now a dir");
+    assert_eq!(
+        std::fs::read_link(e.p(1, "y")).unwrap().to_str(),
+        Some("x/inside")
+    );
+    std::fs::remove_dir_all(e.p(0, "x")).unwrap();
+    e.write(0, "x", "a file again", T0 + 2);
+    e.sync_ok(&[]);
+    e.assert_converged();
+    assert_eq!(e.read(2, "x"), "a file again");
+}
+
+#[test]
+fn symlinks_are_copied_as_links_and_never_followed() {
+    let e = Env::new(2);
+    symlink("/etc", e.p(0, "etc-link")).unwrap();
+    symlink("/etc/hostname", e.p(0, "host-link")).unwrap();
+    symlink("dangling-target", e.p(0, "dangling")).unwrap();
+    e.sync_ok(&[]);
+    e.assert_converged();
+    for name in ["etc-link", "host-link", "dangling"] {
+        assert!(
+            std::fs::symlink_metadata(e.p(1, name))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+    assert_eq!(
+        std::fs::read_link(e.p(1, "etc-link")).unwrap().to_str(),
+        Some("/etc")
+    );
+}
+
+#[test]
+fn excluded_paths_are_untouched_everywhere() {
+    let e = Env::new(3);
+    e.write(0, "data/pages/a.txt", "page", T0);
+    for i in 0..3 {
+        e.write(
+            i,
+            "data/cache/c.xhtml",
+            &format!("cache of r{i}"),
+            T0 + i as i64,
+        );
+        e.write(
+            i,
+            "data/meta/x.indexed",
+            &format!("index of r{i}"),
+            T0 + i as i64,
+        );
+    }
+    let args = ["--exclude", "data/cache/**", "--exclude", "*.indexed"];
+    e.sync_ok(&args);
+    for i in 0..3 {
+        assert_eq!(e.read(i, "data/cache/c.xhtml"), format!("cache of r{i}"));
+        assert_eq!(e.read(i, "data/meta/x.indexed"), format!("index of r{i}"));
+        assert_eq!(mtime_ns(&e.p(i, "data/cache/c.xhtml")).0, T0 + i as i64);
+        assert_eq!(e.read(i, "data/pages/a.txt"), "page");
+    }
+    // Deleting an excluded file on one replica deletes nothing elsewhere.
+    std::fs::remove_file(e.p(1, "data/meta/x.indexed")).unwrap();
+    e.sync_ok(&args);
+    assert!(e.exists(0, "data/meta/x.indexed") && e.exists(2, "data/meta/x.indexed"));
+}
+
+#[test]
+fn odd_file_names_survive() {
+    let e = Env::new(2);
+    let names = [
+        "with space.txt",
+        "ünïcødé ✓.txt",
+        "new\nline.txt",
+        "quote'\"$.txt",
+        "-dash",
+    ];
+    for (k, n) in names.iter().enumerate() {
+        e.write(
+            0,
+            &format!("dir with space/{n}"),
+            &format!("content {k}"),
+            T0,
+        );
+    }
+    e.sync_ok(&[]);
+    e.assert_converged();
+    for (k, n) in names.iter().enumerate() {
+        assert_eq!(
+            e.read(1, &format!("dir with space/{n}")),
+            format!("content {k}")
+        );
+    }
+    // Escaped in human output: a name cannot forge a line of output.
+    e.write(0, "dir with space/new\nline.txt", "changed", T0 + 1);
+    let r = e.sync_ok(&["-v"]);
+    assert!(r.stdout().contains("new\\nline.txt"), "{}", r.stdout());
+}
+
+#[test]
+fn dry_run_changes_no_byte_anywhere() {
+    let e = Env::new(3);
+    e.write(0, "a", "a", T0);
+    e.write(0, "gone", "g", T0);
+    e.sync_ok(&[]);
+    e.write(1, "a", "peer edit", T0 + 5);
+    e.write(2, "a", "other edit", T0 + 6);
+    e.write(2, "new", "n", T0);
+    std::fs::remove_file(e.p(1, "gone")).unwrap();
+    // Scan caches may be refreshed and the lock file names the last holder.
+    let skip = [".hubsync/scan-cache", ".hubsync/lock", ".hubsync"];
+    let before: Vec<_> = (0..3).map(|i| bytes_of(&e.r(i), &skip)).collect();
+    let r = e.sync_ok(&["--dry-run"]);
+    let after: Vec<_> = (0..3).map(|i| bytes_of(&e.r(i), &skip)).collect();
+    assert_eq!(before, after, "dry run changed something");
+    let out = r.stdout();
+    assert!(out.contains("CONFLICT") && out.contains("r2 wins"), "{out}");
+    assert!(out.contains("keep its version"), "{out}");
+    assert!(out.contains("gone") && out.contains("remove"), "{out}");
+    // JSON carries the same plan.
+    let j = e.sync_ok(&["--dry-run", "--json"]).json();
+    assert_eq!(j["dry_run"], true);
+    let paths: Vec<&str> = j["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["a", "gone", "new"]);
+    // And the real run then does what was shown.
+    e.sync_ok(&[]);
+    e.assert_converged();
+    assert_eq!(e.read(0, "a"), "other edit");
+}
+
+#[test]
+fn a_second_run_holding_the_lock_exits_75_naming_the_pid() {
+    let e = Env::new(2);
+    e.sync_ok(&[]);
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(e.p(0, ".hubsync/lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(e.p(0, ".hubsync/lock"), "4242\n").unwrap();
+    let r = e.sync_expect(75, &[]);
+    assert!(r.stderr().contains("4242"), "{}", r.stderr());
+    assert_eq!(r.stderr().lines().count(), 1, "{}", r.stderr());
+    // A peer locked by another hub is one failed peer, not a failed run.
+    drop(lock);
+    let e3 = Env::new(3);
+    e3.sync_ok(&[]);
+    let peer_lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(e3.p(2, ".hubsync/lock"))
+        .unwrap();
+    peer_lock.try_lock().unwrap();
+    e3.write(0, "f", "x", T0);
+    let r = e3.sync_expect(2, &[]);
+    assert!(r.stderr().contains("locked"), "{}", r.stderr());
+    assert_eq!(e3.read(1, "f"), "x");
+    assert!(!e3.exists(2, "f"));
+}
+
+#[test]
+fn a_crashed_run_leaves_no_lock_behind() {
+    let e = Env::new(2);
+    e.sync_ok(&[]);
+    // A run killed with SIGKILL: the kernel drops its lock.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec {} sync {} {}",
+            BIN,
+            e.r(0).display(),
+            e.r(1).display()
+        ))
+        .env("HUBSYNC_TEST_BEFORE_APPLY", "sleep 30")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    e.write(0, "after", "x", T0);
+    e.sync_ok(&[]);
+    assert_eq!(e.read(1, "after"), "x");
+}
+
+fn many_files(e: &Env, n: usize) {
+    for k in 0..n {
+        e.write(0, &format!("data/f{k:03}.txt"), &format!("file {k}"), T0);
+    }
+}
+
+#[test]
+fn a_missing_peer_root_is_refused_and_the_others_sync() {
+    let e = Env::new(3);
+    many_files(&e, 20);
+    e.sync_ok(&[]);
+    std::fs::rename(e.r(1), e.dir.path().join("unmounted")).unwrap();
+    e.write(0, "new", "n", T0);
+    let r = e.sync_expect(2, &[]);
+    assert!(
+        r.stderr().contains("does not exist") && r.stderr().contains("mounted"),
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(e.read(2, "new"), "n");
+    assert_eq!(e.listing(0).len(), 22, "nothing deleted on the hub");
+}
+
+#[test]
+fn an_emptied_peer_root_is_refused_unless_forced() {
+    let e = Env::new(3);
+    many_files(&e, 20);
+    e.sync_ok(&[]);
+    // Looks like an unmounted disk: nothing at all, not even .hubsync.
+    std::fs::remove_dir_all(e.r(1)).unwrap();
+    std::fs::create_dir(e.r(1)).unwrap();
+    let r = e.sync_expect(2, &[]);
+    assert!(
+        r.stderr().contains("empty") && r.stderr().contains("unmounted"),
+        "{}",
+        r.stderr()
+    );
+    assert!(e.listing(1).is_empty(), "nothing was copied into it");
+    assert_eq!(e.listing(0).len(), 21);
+    assert_eq!(e.listing(2).len(), 21);
+    // The admin says it is a new disk: it gets everything, nothing is deleted.
+    e.sync_ok(&["--force-deletions"]);
+    e.assert_converged();
+    assert_eq!(e.listing(1).len(), 21);
+}
+
+#[test]
+fn mass_deletions_are_refused_unless_forced() {
+    let e = Env::new(3);
+    many_files(&e, 30);
+    e.sync_ok(&[]);
+    // Peer 1 lost its files but kept its state directory.
+    std::fs::remove_dir_all(e.p(1, "data")).unwrap();
+    e.write(2, "unrelated", "u", T0);
+    let r = e.sync_expect(2, &[]);
+    assert!(r.stderr().contains("--force-deletions"), "{}", r.stderr());
+    assert_eq!(e.listing(0).len(), 32, "{}", e.dump());
+    assert_eq!(e.read(0, "unrelated"), "u");
+    // Forced, the deletion is carried out everywhere.
+    e.sync_ok(&["--force-deletions"]);
+    e.assert_converged();
+    assert_eq!(e.listing(0).keys().collect::<Vec<_>>(), ["unrelated"]);
+}
+
+#[test]
+fn a_corrupt_state_file_means_a_first_sync_without_deletions() {
+    let e = Env::new(2);
+    e.write(0, "keep-me", "k", T0);
+    e.write(0, "other", "o", T0);
+    e.sync_ok(&[]);
+    std::fs::remove_file(e.p(1, "keep-me")).unwrap();
+    for f in std::fs::read_dir(e.p(0, ".hubsync/pairs")).unwrap() {
+        let p = f.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&p, bytes).unwrap();
+    }
+    let r = e.sync_ok(&[]);
+    assert!(r.stderr().contains("corrupt"), "{}", r.stderr());
+    assert!(r.stderr().contains("first sync"), "{}", r.stderr());
+    assert_eq!(e.read(0, "keep-me"), "k", "the deletion was not trusted");
+    assert_eq!(e.read(1, "keep-me"), "k");
+    // A foreign format version is reported the same way.
+    for f in std::fs::read_dir(e.p(0, ".hubsync/pairs")).unwrap() {
+        let p = f.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[15..19].copy_from_slice(&7u32.to_le_bytes());
+        std::fs::write(&p, bytes).unwrap();
+    }
+    let r = e.sync_ok(&[]);
+    assert!(r.stderr().contains("format 7"), "{}", r.stderr());
+}
+
+#[test]
+fn a_file_modified_between_scan_and_apply_is_not_clobbered() {
+    let e = Env::new(2);
+    e.write(0, "page.txt", "v0", T0);
+    e.sync_ok(&[]);
+    e.write(0, "page.txt", "hub edit", T0 + 10);
+    // While the run is between scan and apply, a user edits the peer's copy.
+    let hook = format!(
+        "printf 'user edit on the peer' > '{}'",
+        e.p(1, "page.txt").display()
+    );
+    let r = e.sync(&[]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("sync")
+        .arg(e.r(0))
+        .arg(e.r(1))
+        .env("HUBSYNC_TEST_BEFORE_APPLY", &hook);
+    e.write(0, "page.txt", "second hub edit", T0 + 20);
+    let r = common::run(cmd);
+    assert_eq!(r.code(), 0, "{}\n{}", r.stderr(), e.dump());
+    assert_eq!(e.read(1, "page.txt"), "user edit on the peer", "clobbered");
+    assert!(
+        r.stderr().contains("changed since it was scanned"),
+        "{}",
+        r.stderr()
+    );
+    // The next run sees both edits: a conflict, and nothing is lost.
+    e.sync_ok(&[]);
+    e.assert_converged();
+    let mut versions: Vec<String> = vec![e.read(0, "page.txt")];
+    for i in 0..2 {
+        for k in find(&e.r(i), "page.txt.conflict-") {
+            versions.push(std::fs::read_to_string(k).unwrap());
+        }
+    }
+    assert!(
+        versions.contains(&"user edit on the peer".to_string()),
+        "{versions:?}"
+    );
+    assert!(
+        versions.contains(&"second hub edit".to_string()),
+        "{versions:?}"
+    );
+}
+
+#[test]
+fn a_no_change_run_moves_only_a_few_kilobytes() {
+    let e = Env::new(2);
+    for k in 0..2000 {
+        e.write(
+            0,
+            &format!("ns{}/page{k}.txt", k % 20),
+            "some page text",
+            T0,
+        );
+    }
+    e.sync_ok(&[]);
+    // Files changed in the last instant are hashed again once (see scan.rs).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    e.sync_ok(&[]);
+    let j = e.sync_ok(&["--json"]).json();
+    let peer = &j["replicas"][1];
+    let wire = peer["wire_sent"].as_u64().unwrap() + peer["wire_received"].as_u64().unwrap();
+    assert!(wire < 4096, "no-change run moved {wire} bytes: {peer}");
+    assert_eq!(peer["scan"]["delta"], true);
+    assert_eq!(
+        peer["scan"]["hashed_files"], 0,
+        "the scan cache was not used"
+    );
+}
+
+#[test]
+fn a_peer_speaking_another_protocol_version_is_refused() {
+    let e = Env::new(3);
+    let fake = e.dir.path().join("fake-hubsync");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'hubsync-protocol 99'\ncat >/dev/null\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, PermissionsExt::from_mode(0o755)).unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("sync")
+        .arg(e.r(0))
+        .arg(e.r(1))
+        .arg("--remote-command")
+        .arg(&fake);
+    let r = common::run(cmd);
+    assert_eq!(r.code(), 1, "{}", r.stderr());
+    let err = r.stderr();
+    assert!(
+        err.contains("version 99") && err.contains("version 1"),
+        "{err}"
+    );
+}
