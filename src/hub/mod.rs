@@ -212,6 +212,7 @@ impl Run<'_> {
         let plan = self.plan();
         self.report_conflicts(&plan);
         if self.s.dry_run {
+            self.count_planned(&plan);
             return Ok(Some(plan));
         }
         // Test hook: lets integration tests change a tree between scan and apply.
@@ -507,6 +508,27 @@ impl Run<'_> {
                 rule: *rule,
                 losers,
             });
+        }
+    }
+
+    /// Fills the per-replica figures with what the plan would do (dry runs).
+    fn count_planned(&mut self, plan: &Plan) {
+        for item in plan.changes() {
+            for &(r, a) in &item.actions {
+                if !self.reps[r].taking_part() && r != HUB {
+                    continue;
+                }
+                let rep = &mut self.reps[r].report;
+                match a {
+                    Action::Remove => rep.removed += 1,
+                    Action::SetMeta => rep.metadata += 1,
+                    _ if item.result.as_ref().is_some_and(|v| v.is_dir()) => {}
+                    _ => {
+                        rep.files_in += 1;
+                        rep.bytes_in += item.result.as_ref().map_or(0, |v| v.size());
+                    }
+                }
+            }
         }
     }
 
