@@ -47,7 +47,8 @@ pub enum Command {
 pub struct SyncArgs {
     /// The hub's own replica root.
     pub root: PathBuf,
-    /// Other replicas: local directories.
+    /// Other replicas: local directories, or SSH peers as ssh://[user@]host[:port]/path
+    /// or [user@]host:/path.
     #[arg(required = true)]
     pub peers: Vec<String>,
     /// Show what would be done; change nothing.
@@ -71,12 +72,36 @@ pub struct SyncArgs {
     /// root, or more than half of a replica's files deleted at once).
     #[arg(long)]
     pub force_deletions: bool,
-    /// Give up on a peer that says nothing for this long (e.g. 30s, 2m).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    /// Give up on a peer that says nothing for this long while we wait for it.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
-    /// The command that runs hubsync on a peer, e.g. /usr/local/bin/hubsync.
+    /// Give up connecting to an SSH peer after this long (TCP; the SSH handshake
+    /// and login get twice as long).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// The command that runs hubsync on a peer [default: hubsync on SSH peers, this
+    /// executable on local ones].
     #[arg(long, value_name = "COMMAND")]
     pub remote_command: Option<String>,
+    /// Reach SSH peers with the system OpenSSH client, run as this command (e.g.
+    /// "ssh" or "ssh -o ControlMaster=auto -o ControlPath=~/.ssh/cm-%C -o ControlPersist=60").
+    /// It honours ~/.ssh/config. Without it hubsync speaks SSH itself (libssh2).
+    #[arg(long, value_name = "COMMAND")]
+    pub ssh_command: Option<String>,
+    /// Private key for SSH peers (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa).
+    #[arg(short = 'i', long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Verify SSH host keys against FILE instead of ~/.ssh/known_hosts
+    /// (/etc/ssh/ssh_known_hosts is read too).
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Add the host key of a peer seen for the first time (never replaces a changed key).
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+    /// Leave conflicts with a peer unresolved when its clock differs from the hub's
+    /// by more than this (newest-mtime resolution trusts clocks).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
 }
 
 /// Parses `10s`, `500ms`, `2m`, or a plain number of seconds.
@@ -131,7 +156,15 @@ fn sync(a: SyncArgs) -> u8 {
         verbosity,
         a.json,
         a.timeout,
-        a.remote_command,
+        crate::config::Reach {
+            remote_command: a.remote_command,
+            ssh_command: a.ssh_command,
+            identity: a.identity,
+            known_hosts: a.known_hosts,
+            accept_new_host_key: a.accept_new_host_key,
+            connect_timeout: a.connect_timeout,
+            max_clock_skew: a.max_clock_skew,
+        },
     ) {
         Ok(s) => s,
         Err(e) => {

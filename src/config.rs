@@ -8,12 +8,15 @@ use anyhow::{Context, Result, bail};
 
 use crate::exclude::Excludes;
 use crate::report::Verbosity;
+use crate::transport::ssh::{SshOptions, SshTarget};
 
 /// Where a peer lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     /// A directory on this machine, served by a child `hubsync serve`.
     Local(PathBuf),
+    /// A directory on another machine, reached over SSH.
+    Ssh(SshTarget),
 }
 
 /// One peer of the hub.
@@ -42,6 +45,22 @@ pub struct Settings {
     pub exe: PathBuf,
     /// Runs `serve` instead of `exe` (through `sh -c`), e.g. `/usr/local/bin/hubsync`.
     pub remote_command: Option<String>,
+    /// How SSH peers are reached.
+    pub ssh: SshOptions,
+    /// Above this clock difference, a peer's conflicts are left unresolved.
+    pub max_clock_skew: Duration,
+}
+
+/// What the command line (or a config file) says about reaching peers.
+#[derive(Clone, Debug, Default)]
+pub struct Reach {
+    pub remote_command: Option<String>,
+    pub ssh_command: Option<String>,
+    pub identity: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub accept_new_host_key: bool,
+    pub connect_timeout: Duration,
+    pub max_clock_skew: Duration,
 }
 
 /// Makes `p` absolute against the current directory without resolving symlinks
@@ -67,7 +86,7 @@ impl Settings {
         verbosity: Verbosity,
         json: bool,
         idle_timeout: Duration,
-        remote_command: Option<String>,
+        reach: Reach,
     ) -> Result<Settings> {
         let root = absolute(root)?;
         Excludes::new(&excludes)?;
@@ -76,6 +95,25 @@ impl Settings {
         }
         let mut specs: Vec<PeerSpec> = Vec::new();
         for p in peers {
+            if let Some(t) = SshTarget::parse(p)? {
+                let key = t.key();
+                if specs.iter().any(|s| s.key == key) {
+                    bail!("peer {p} is given twice");
+                }
+                // A host name's first label (web2 of web2.example.org); an address whole.
+                let base = if t.host.parse::<std::net::IpAddr>().is_ok() {
+                    sanitize(&t.host)
+                } else {
+                    sanitize(t.host.split('.').next().unwrap_or(&t.host))
+                };
+                let label = unique_label(&base, &specs);
+                specs.push(PeerSpec {
+                    label,
+                    key,
+                    target: Target::Ssh(t),
+                });
+                continue;
+            }
             let path = absolute(Path::new(p))?;
             if path == root || path.starts_with(&root) || root.starts_with(&path) {
                 bail!(
@@ -94,12 +132,7 @@ impl Settings {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "root".into());
-            let mut label = sanitize(&base);
-            let mut n = 2;
-            while label == "hub" || specs.iter().any(|s| s.label == label) {
-                label = format!("{}-{n}", sanitize(&base));
-                n += 1;
-            }
+            let label = unique_label(&sanitize(&base), &specs);
             specs.push(PeerSpec {
                 label,
                 key: format!("local:{}", path.display()),
@@ -116,9 +149,34 @@ impl Settings {
             json,
             idle_timeout,
             exe: std::env::current_exe().context("cannot find the hubsync executable")?,
-            remote_command,
+            ssh: SshOptions {
+                remote_command: reach
+                    .remote_command
+                    .clone()
+                    .unwrap_or_else(|| "hubsync".into()),
+                ssh_command: reach
+                    .ssh_command
+                    .map(|c| c.split_whitespace().map(String::from).collect::<Vec<_>>())
+                    .filter(|w| !w.is_empty()),
+                identity: reach.identity.map(|p| absolute(&p)).transpose()?,
+                known_hosts: reach.known_hosts.map(|p| absolute(&p)).transpose()?,
+                accept_new_host_key: reach.accept_new_host_key,
+                connect_timeout: reach.connect_timeout,
+            },
+            remote_command: reach.remote_command,
+            max_clock_skew: reach.max_clock_skew,
         })
     }
+}
+
+fn unique_label(base: &str, specs: &[PeerSpec]) -> String {
+    let mut label = base.to_string();
+    let mut n = 2;
+    while label == "hub" || specs.iter().any(|s| s.label == label) {
+        label = format!("{base}-{n}");
+        n += 1;
+    }
+    label
 }
 
 /// A label safe inside a file name.

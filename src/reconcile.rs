@@ -38,6 +38,9 @@ pub struct PeerInput<'a> {
     pub view: Option<View<'a>>,
     /// `None`: no agreed state for this pair (first sync, lost or corrupt state).
     pub agreed: Option<&'a [(RelPath, Version)]>,
+    /// The peer's clock agrees with the hub's well enough to compare mtimes: if not,
+    /// conflicts that newest-mtime would decide are left alone for it.
+    pub clock_ok: bool,
 }
 
 /// Everything reconciliation looks at.
@@ -164,6 +167,9 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
 
     let mut plan = Plan::default();
     let mut stack: Vec<Open<'a>> = Vec::new();
+    let clock_ok: Vec<bool> = std::iter::once(true)
+        .chain(input.peers.iter().map(|p| p.clock_ok))
+        .collect();
 
     loop {
         // The smallest path at the head of any list.
@@ -220,7 +226,7 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
                 skip: Some("a directory above it is left alone this run".into()),
             })
         } else {
-            decide(row)
+            decide(row, &clock_ok)
         };
         let skipping = decision.as_ref().is_some_and(|d| d.skip.is_some());
         stack.push(Open {
@@ -267,7 +273,7 @@ fn settle(stack: &mut Vec<Open<'_>>, plan: &mut Plan) {
 
 /// Decides one path; `None` when every replica already holds the agreed version
 /// (the common case, kept free of allocation).
-fn decide(row: Row<'_>) -> Option<Decision<'_>> {
+fn decide<'a>(row: Row<'a>, clock_ok: &[bool]) -> Option<Decision<'a>> {
     let n = row.states.len();
     let h = row.states[HUB].expect("the hub always takes part");
     if let Some(why) = row.states.iter().flatten().find_map(|s| match s {
@@ -327,12 +333,23 @@ fn decide(row: Row<'_>) -> Option<Decision<'_>> {
     } else {
         resolve(&candidates, version_of)
     };
+    let by_clock = matches!(
+        reason,
+        Reason::Metadata { .. }
+            | Reason::Conflict {
+                rule: Rule::NewestMtime | Rule::TieBreak,
+                ..
+            }
+    );
+    let skip = (by_clock && candidates.iter().any(|&r| !clock_ok[r])).then(|| {
+        "a conflict with a peer whose clock is off; left until the clocks agree".to_string()
+    });
     Some(Decision {
         row,
         candidates,
         result,
         reason,
-        skip: None,
+        skip,
     })
 }
 

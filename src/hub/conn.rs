@@ -8,9 +8,9 @@
 
 use std::io::{BufReader, BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, ProtoError, Request, Response};
@@ -33,7 +33,10 @@ pub struct Incoming {
 pub struct Conn {
     pub label: String,
     tx: Option<Sender<Request>>,
-    end: Option<Box<dyn End>>,
+    /// Filled once connected.
+    end: Arc<Mutex<Option<Box<dyn End>>>>,
+    /// Set when we give up, so a connection that completes later is closed at once.
+    killed: Arc<AtomicBool>,
     pub alive: bool,
     pub failure: Option<String>,
     sent: Arc<AtomicU64>,
@@ -100,51 +103,64 @@ impl Conn {
                 });
             })
             .expect("spawning a thread");
-        Conn::new(label, tx, None)
+        Conn::new(label, tx)
     }
 
-    /// A peer at the other end of `link`.
-    pub fn over(link: Link, replica: usize, label: String, events: Sender<Incoming>) -> Conn {
+    /// A peer reached by `connect` (run on a thread of its own, so that every peer
+    /// connects at the same time); requests queue until it is connected.
+    pub fn connect(
+        replica: usize,
+        label: String,
+        events: Sender<Incoming>,
+        connect: Box<dyn FnOnce() -> Result<Link, String> + Send>,
+    ) -> Conn {
         let (tx, rx) = mpsc::channel::<Request>();
-        let conn = Conn::new(label, tx, Some(link.end));
-        let (sent, ev) = (conn.sent.clone(), events.clone());
-        let writer = link.writer;
-        std::thread::spawn(move || write_loop(writer, rx, replica, sent, ev));
-        let received = conn.received.clone();
-        let reader = link.reader;
-        std::thread::spawn(move || {
-            let mut r = BufReader::with_capacity(1 << 20, reader);
-            let event = match proto::read_greeting(&mut r) {
-                Err(e) => Event::Closed(Some(greeting_error(e))),
-                Ok(_) => loop {
-                    match proto::read_frame::<Response>(&mut r) {
-                        Ok((resp, n)) => {
-                            received.fetch_add(n as u64, Ordering::Relaxed);
-                            if events
-                                .send(Incoming {
-                                    replica,
-                                    event: Event::Response(resp),
-                                })
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
-                        Err(ProtoError::Disconnected) => break Event::Closed(None),
-                        Err(e) => break Event::Closed(Some(format!("it {e}"))),
+        let conn = Conn::new(label.clone(), tx);
+        let (sent, received, end, killed) = (
+            conn.sent.clone(),
+            conn.received.clone(),
+            conn.end.clone(),
+            conn.killed.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("peer {label}"))
+            .spawn(move || {
+                let link = match connect() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = events.send(Incoming {
+                            replica,
+                            event: Event::Closed(Some(e)),
+                        });
+                        return;
                     }
-                },
-            };
-            let _ = events.send(Incoming { replica, event });
-        });
+                };
+                {
+                    let mut slot = end.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut e = link.end;
+                    if killed.load(Ordering::Relaxed) {
+                        e.kill();
+                    }
+                    *slot = Some(e);
+                }
+                let ev = events.clone();
+                let writer = link.writer;
+                std::thread::spawn(move || write_loop(writer, rx, replica, sent, ev));
+                read_loop(link.reader, replica, received, events);
+            });
+        let mut conn = conn;
+        if let Err(e) = spawned {
+            conn.fail(format!("cannot start a thread: {e}"));
+        }
         conn
     }
 
-    fn new(label: String, tx: Sender<Request>, end: Option<Box<dyn End>>) -> Conn {
+    fn new(label: String, tx: Sender<Request>) -> Conn {
         Conn {
             label,
             tx: Some(tx),
-            end,
+            end: Arc::new(Mutex::new(None)),
+            killed: Arc::new(AtomicBool::new(false)),
             alive: true,
             failure: None,
             sent: Arc::new(AtomicU64::new(0)),
@@ -158,10 +174,10 @@ impl Conn {
         if !self.alive {
             return;
         }
-        if let Some(tx) = &self.tx
-            && tx.send(req).is_err()
-        {
-            self.fail("its connection is gone".into());
+        // If the connection is gone its reader reports why (a Closed event); a
+        // failed send here says nothing more.
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(req);
         }
     }
 
@@ -177,9 +193,14 @@ impl Conn {
         }
         self.alive = false;
         self.tx = None;
-        if let Some(end) = self.end.as_mut() {
+        self.killed.store(true, Ordering::Relaxed);
+        if let Some(end) = self.end().as_mut() {
             end.kill();
         }
+    }
+
+    fn end(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn End>>> {
+        self.end.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks the other end to finish the session (see [`Conn::wait`]).
@@ -192,12 +213,12 @@ impl Conn {
 
     /// Waits for the other end to exit; says how it exited, if badly.
     pub fn wait(&mut self, timeout: Duration) -> Option<String> {
-        self.end.as_mut().and_then(|e| e.wait(timeout))
+        self.end().as_mut().and_then(|e| e.wait(timeout))
     }
 
     /// The other end's stderr (for error messages).
     pub fn stderr(&self) -> String {
-        self.end.as_ref().map(|e| e.stderr()).unwrap_or_default()
+        self.end().as_ref().map(|e| e.stderr()).unwrap_or_default()
     }
 
     pub fn wire(&self) -> (u64, u64) {
@@ -206,6 +227,32 @@ impl Conn {
             self.received.load(Ordering::Relaxed),
         )
     }
+}
+
+fn read_loop(
+    reader: Box<dyn std::io::Read + Send>,
+    replica: usize,
+    received: Arc<AtomicU64>,
+    events: Sender<Incoming>,
+) {
+    let mut r = BufReader::with_capacity(1 << 20, reader);
+    let event = match proto::read_greeting(&mut r) {
+        Err(e) => Event::Closed(Some(greeting_error(e))),
+        Ok(_) => loop {
+            match proto::read_frame::<Response>(&mut r) {
+                Ok((resp, n)) => {
+                    received.fetch_add(n as u64, Ordering::Relaxed);
+                    let event = Event::Response(resp);
+                    if events.send(Incoming { replica, event }).is_err() {
+                        return;
+                    }
+                }
+                Err(ProtoError::Disconnected) => break Event::Closed(None),
+                Err(e) => break Event::Closed(Some(format!("it {e}"))),
+            }
+        },
+    };
+    let _ = events.send(Incoming { replica, event });
 }
 
 fn write_loop(

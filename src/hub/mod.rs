@@ -146,20 +146,29 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         };
         let url = match &p.target {
             Target::Local(path) => path.display().to_string(),
+            Target::Ssh(t) => t.key(),
         };
-        let conn = match &p.target {
-            Target::Local(path) => {
-                match transport::spawn_local(&s.exe, s.remote_command.as_deref(), path) {
-                    Ok(link) => Conn::over(link, replica, p.label.clone(), tx.clone()),
-                    Err(e) => {
-                        let mut c =
-                            Conn::in_process(replica, p.label.clone(), PathBuf::new(), tx.clone());
-                        c.fail(format!("cannot start `hubsync serve`: {e}"));
-                        c
+        let connect: Box<dyn FnOnce() -> Result<transport::Link, String> + Send> =
+            match p.target.clone() {
+                Target::Local(path) => {
+                    let (exe, cmd) = (s.exe.clone(), s.remote_command.clone());
+                    Box::new(move || {
+                        transport::spawn_local(&exe, cmd.as_deref(), &path)
+                            .map_err(|e| format!("cannot start `hubsync serve`: {e}"))
+                    })
+                }
+                Target::Ssh(t) => {
+                    let o = s.ssh.clone();
+                    match o.ssh_command.clone() {
+                        Some(words) => Box::new(move || {
+                            transport::ssh::spawn_openssh(&t, &o, &words)
+                                .map_err(|e| format!("cannot run {}: {e}", words[0]))
+                        }),
+                        None => Box::new(move || transport::libssh2::connect(&t, &o)),
                     }
                 }
-            }
-        };
+            };
+        let conn = Conn::connect(replica, p.label.clone(), tx.clone(), connect);
         reps.push(Rep {
             conn,
             url: url.clone(),
@@ -209,6 +218,7 @@ impl Run<'_> {
     fn go(&mut self) -> Result<Option<Plan>, RunError> {
         self.open_and_scan()?;
         self.check_empty_roots();
+        self.check_clocks();
         let plan = self.plan();
         self.report_conflicts(&plan);
         if self.s.dry_run {
@@ -336,7 +346,7 @@ impl Run<'_> {
                     if !stderr.is_empty() {
                         msg = format!("{msg}; it said: {stderr}");
                     }
-                    rep.conn.fail(msg);
+                    rep.conn.fail(msg + &hint(&stderr));
                 }
             }
             Event::Response(other) => self.on_exec_event(r, other),
@@ -396,6 +406,24 @@ impl Run<'_> {
         }
     }
 
+    /// Newest-mtime resolution trusts clocks: say when a peer's is off.
+    fn check_clocks(&mut self) {
+        let limit = self.s.max_clock_skew.as_secs_f64();
+        for rep in self.reps.iter().skip(1) {
+            let Some(off) = rep.report.clock_offset.filter(|o| o.abs() > 1.0) else {
+                continue;
+            };
+            let label = &rep.conn.label;
+            self.report.warnings.push(if off.abs() > limit {
+                format!(
+                    "peer {label}: its clock is {off:+.1} s off the hub's, more than --max-clock-skew ({limit:.0} s); conflicts with it are left unresolved until the clocks agree (run NTP/chrony on both)"
+                )
+            } else {
+                format!("peer {label}: its clock is {off:+.1} s off the hub's; newest-mtime decisions trust clocks, so keep them in sync (NTP/chrony)")
+            });
+        }
+    }
+
     /// Reconciles, taking out peers whose changes would delete too much.
     fn plan(&mut self) -> Plan {
         loop {
@@ -413,6 +441,10 @@ impl Run<'_> {
                                 }
                             }),
                             agreed: rep.agreed.as_ref().map(|a| a.entries()),
+                            clock_ok: rep
+                                .report
+                                .clock_offset
+                                .is_none_or(|o| o.abs() <= self.s.max_clock_skew.as_secs_f64()),
                         })
                         .collect(),
                 };
@@ -616,6 +648,19 @@ impl Rep {
             .and_then(|i| self.entries[i].state.version())
             .or_else(|| self.agreed.as_ref().and_then(|a| a.get(path)))
             .is_some_and(|v| v.is_dir())
+    }
+}
+
+/// What to do about a peer that failed with `stderr`.
+fn hint(stderr: &str) -> String {
+    if stderr.contains("command not found") || stderr.contains("No such file or directory") {
+        " (install hubsync on the peer, or point --remote-command at it, e.g. --remote-command /usr/local/bin/hubsync)".into()
+    } else if stderr.contains("Host key verification failed") {
+        " (add the peer's host key to known_hosts, e.g. with ssh-keyscan, or run once with --accept-new-host-key)".into()
+    } else if stderr.contains("Permission denied") {
+        " (check that the key is in the peer's authorized_keys, or pass --identity FILE)".into()
+    } else {
+        String::new()
     }
 }
 

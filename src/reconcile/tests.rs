@@ -174,6 +174,7 @@ fn check(agreed: &[Option<Tree>], hub: Tree, peers: &[Tree], expect: &[&str]) {
             .map(|(p, a)| PeerInput {
                 view: Some(View::Full(p)),
                 agreed: a.as_deref(),
+                clock_ok: true,
             })
             .collect(),
     };
@@ -405,6 +406,7 @@ fn plan_of(agreed: &[Option<Tree>], hub: Tree, peers: &[Tree]) -> Plan {
             .map(|(p, a)| PeerInput {
                 view: Some(View::Full(p)),
                 agreed: a.as_deref(),
+                clock_ok: true,
             })
             .collect(),
     })
@@ -568,10 +570,12 @@ fn peers_not_taking_part_are_left_alone() {
             PeerInput {
                 view: Some(View::Full(&p_e)),
                 agreed: Some(&ag),
+                clock_ok: true,
             },
             PeerInput {
                 view: None,
                 agreed: Some(&ag),
+                clock_ok: true,
             },
         ],
     });
@@ -598,6 +602,7 @@ fn delta_views_read_through_to_the_agreed_state() {
         peers: vec![PeerInput {
             view: Some(View::Delta(&delta)),
             agreed: Some(&base),
+            clock_ok: true,
         }],
     });
     assert_eq!(
@@ -613,6 +618,7 @@ fn delta_views_read_through_to_the_agreed_state() {
         peers: vec![PeerInput {
             view: Some(View::Delta(&[])),
             agreed: Some(&base),
+            clock_ok: true,
         }],
     });
     assert!(plan.items.is_empty());
@@ -638,12 +644,41 @@ fn paths_being_written_or_unreadable_are_left_alone() {
         peers: vec![PeerInput {
             view: Some(View::Full(&peer)),
             agreed: Some(&ag),
+            clock_ok: true,
         }],
     });
     assert_eq!(render(&plan), ["d skip", "d/a skip", "e skip"]);
     assert!(
         plan.items.is_empty(),
         "no agreement may be recorded for skipped paths"
+    );
+}
+
+#[test]
+fn conflicts_with_a_skewed_clock_are_left_alone_but_other_changes_flow() {
+    let base = t(&[("a", f("x", 1)), ("b", f("y", 1))]);
+    let ag = agreed_list(&base);
+    let hub = entries(&t(&[
+        ("a", f("hub", 5)),
+        ("b", f("y", 1)),
+        ("new", f("n", 2)),
+    ]));
+    let peer = entries(&t(&[("a", f("peer", 9)), ("b", f("y2", 3))]));
+    let plan = reconcile(&Input {
+        hub: &hub,
+        peers: vec![PeerInput {
+            view: Some(View::Full(&peer)),
+            agreed: Some(&ag),
+            clock_ok: false,
+        }],
+    });
+    assert_eq!(
+        render(&plan),
+        [
+            "b = f:y2@3 changed(1) <1 0:replace",
+            "new = f:n@2 changed(0) <0 1:create",
+            "a skip",
+        ]
     );
 }
 
@@ -720,6 +755,7 @@ fn plan_for(trees: &[Fs], agreed: &[Option<Fs>]) -> Plan {
             .map(|i| PeerInput {
                 view: Some(View::Full(&ents[i])),
                 agreed: ags[i - 1].as_deref(),
+                clock_ok: true,
             })
             .collect(),
     })
@@ -849,6 +885,7 @@ proptest! {
                     peers: (1..3).map(|i| PeerInput {
                         view: (i != gone).then_some(View::Full(&ents[i])),
                         agreed: ags[i - 1].as_deref(),
+                        clock_ok: true,
                     }).collect(),
                 })
             } else {

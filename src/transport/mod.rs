@@ -2,7 +2,12 @@
 //! and a handle to end the other side, whatever carries the bytes.
 //!
 //! - a local peer is our own executable run as `hubsync serve PATH` on pipes;
-//! - `--ssh-command` runs the system `ssh` the same way (later: an ssh2 channel).
+//! - an SSH peer is a libssh2 channel (`libssh2.rs`), or with `--ssh-command` the
+//!   system `ssh` on pipes, exactly like a local peer (`ssh.rs`).
+
+pub mod known_hosts;
+pub mod libssh2;
+pub mod ssh;
 
 use std::io::{self, Read, Write};
 use std::path::Path;
