@@ -183,10 +183,16 @@ impl Server {
             progress: self.progress.clone(),
         });
         let _ = warning; // reported through the replica id change itself
+        // Test hook: pretend this replica's clock is off by this many seconds.
+        let skew: i64 = std::env::var("HUBSYNC_TEST_CLOCK_OFFSET")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let now = Mtime::now();
         Ok(Opened {
             replica,
             hostname: hostname(),
-            time: Mtime::now(),
+            time: Mtime::new(now.secs + skew, now.nanos),
             pair: status,
             root_was_empty,
         })

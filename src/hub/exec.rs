@@ -33,6 +33,8 @@ struct Task {
     id: u32,
     op: Option<Op>,
     outcome: Option<Result<(), OpError>>,
+    /// Counted in the replica's `pending` (it owes us an answer for it).
+    counted: bool,
 }
 
 struct Transfer {
@@ -152,6 +154,7 @@ impl Run<'_> {
                     id,
                     op: Some(op),
                     outcome: None,
+                    counted: false,
                 });
             }
             if !file_dests.is_empty() {
@@ -246,8 +249,12 @@ impl Run<'_> {
         let task = &mut ex.tasks[t];
         let op = task.op.take().expect("sent once");
         let rep = &mut self.reps[task.replica];
+        // A file being received owes us nothing until we have sent all of it.
+        if !matches!(op, Op::PutFile { .. }) {
+            task.counted = true;
+            rep.pending += 1;
+        }
         rep.conn.send(Request::Op { id: task.id, op });
-        rep.pending += 1;
         ex.by_id.insert((task.replica, task.id), Waiting::Task(t));
     }
 
@@ -260,6 +267,11 @@ impl Run<'_> {
         };
         if dead != ex.dead_seen {
             ex.dead_seen = dead;
+            // What was queued for a dead replica will never drain.
+            for rep in self.reps.iter_mut().filter(|r| !r.conn.alive) {
+                ex.in_flight = ex.in_flight.saturating_sub(rep.queued);
+                rep.queued = 0;
+            }
             for t in 0..ex.tasks.len() {
                 let r = ex.tasks[t].replica;
                 if ex.tasks[t].outcome.is_none() && !self.reps[r].conn.alive {
@@ -387,7 +399,6 @@ impl Run<'_> {
                 self.reps[r].conn.send(Request::Abort { id });
                 ex.by_id.remove(&(r, id));
                 finish_task(ex, d, Err(why.clone()));
-                self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
             }
         }
     }
@@ -400,7 +411,9 @@ impl Run<'_> {
         match resp {
             Response::Done { id, result } => match ex.by_id.remove(&(r, id)) {
                 Some(Waiting::Task(t)) => {
-                    self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
+                    if ex.tasks[t].counted {
+                        self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
+                    }
                     finish_task(&mut ex, t, result);
                 }
                 Some(Waiting::Read { transfer, len }) => {
@@ -439,6 +452,7 @@ impl Run<'_> {
                                 bytes.clone().unwrap_or_default()
                             };
                             ex.in_flight += data.len() as u64;
+                            self.reps[task.replica].queued += data.len() as u64;
                             self.reps[task.replica].conn.send(Request::Data {
                                 id: task.id,
                                 bytes: data,

@@ -70,8 +70,10 @@ struct Rep {
     refused: Option<String>,
     report: ReplicaReport,
     sent_at: Instant,
-    /// Requests sent that still await an answer.
+    /// Requests sent that it owes an answer to.
     pending: usize,
+    /// File data handed to its connection that it has not taken yet.
+    queued: u64,
 }
 
 impl Rep {
@@ -123,6 +125,7 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         },
         sent_at: Instant::now(),
         pending: 0,
+        queued: 0,
     }];
     for (i, p) in s.peers.iter().enumerate() {
         let replica = i + 1;
@@ -186,6 +189,7 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
             },
             sent_at: Instant::now(),
             pending: 0,
+            queued: 0,
         });
     }
     drop(tx);
@@ -350,7 +354,10 @@ impl Run<'_> {
                 }
             }
             Event::Response(other) => self.on_exec_event(r, other),
-            Event::Drained(n) => self.on_drained(n),
+            Event::Drained(n) => {
+                rep.queued = rep.queued.saturating_sub(n);
+                self.on_drained(n);
+            }
         }
     }
 
@@ -664,7 +671,9 @@ fn hint(stderr: &str) -> String {
     }
 }
 
-/// Whether we are waiting for this replica to say something.
+/// Whether this replica should be making progress: it owes answers, or it has not
+/// taken data we gave it. (A peer that waits for data from another peer is not
+/// stalled itself.)
 fn self_waiting(rep: &Rep) -> bool {
-    rep.scanned.is_none() || rep.pending > 0
+    rep.scanned.is_none() || rep.pending > 0 || rep.queued > 0
 }
