@@ -294,8 +294,15 @@ impl Run<'_> {
         let limit = self.s.idle_timeout;
         for rep in self.reps.iter_mut().skip(1) {
             if rep.conn.alive && rep.conn.last_heard.elapsed() > limit && self_waiting(rep) {
+                let what = if rep.scanned.is_none() {
+                    "its scan".to_string()
+                } else if rep.queued > 0 {
+                    format!("it to take {} of file data", crate::util::Bytes(rep.queued))
+                } else {
+                    format!("{} answer(s)", rep.pending)
+                };
                 let why = format!(
-                    "no answer for {:.0} s; giving up on it for this run",
+                    "no answer for {:.0} s while waiting for {what}; giving up on it for this run",
                     limit.as_secs_f64()
                 );
                 rep.conn.fail(why);
@@ -344,11 +351,15 @@ impl Run<'_> {
             Event::Response(Response::Progress { .. }) => {}
             Event::Closed(why) => {
                 if rep.conn.alive {
+                    // Let it finish exiting so that its last words are in stderr.
+                    let exit = rep.conn.wait(Duration::from_secs(2));
                     let stderr = rep.conn.stderr();
                     let mut msg =
                         why.unwrap_or_else(|| "the connection closed unexpectedly".into());
                     if !stderr.is_empty() {
                         msg = format!("{msg}; it said: {stderr}");
+                    } else if let Some(exit) = exit {
+                        msg = format!("{msg} ({exit})");
                     }
                     rep.conn.fail(msg + &hint(&stderr));
                 }

@@ -40,6 +40,9 @@ pub trait End: Send {
 pub struct ChildEnd {
     child: Child,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The thread collecting stderr; joined once the child has exited, so that what
+    /// it said last is not lost to a race.
+    stderr_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     exited: Option<String>,
 }
 
@@ -60,7 +63,7 @@ pub fn spawn(argv: &[String]) -> io::Result<Link> {
     let mut err = child.stderr.take().expect("piped");
     let stderr = Arc::new(Mutex::new(Vec::new()));
     let sink = stderr.clone();
-    std::thread::spawn(move || {
+    let stderr_thread = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = err.read(&mut buf) {
             if n == 0 {
@@ -80,6 +83,7 @@ pub fn spawn(argv: &[String]) -> io::Result<Link> {
         end: Box::new(ChildEnd {
             child,
             stderr,
+            stderr_thread: Mutex::new(Some(stderr_thread)),
             exited: None,
         }),
     })
@@ -145,6 +149,15 @@ impl End for ChildEnd {
     }
 
     fn stderr(&self) -> String {
+        if self.exited.is_some()
+            && let Some(t) = self
+                .stderr_thread
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+        {
+            let _ = t.join();
+        }
         let s = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
         String::from_utf8_lossy(&s).trim().to_string()
     }
