@@ -28,7 +28,7 @@ pub enum Action {
 }
 
 /// How a conflict was decided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     /// The version with the newest mtime won.

@@ -27,8 +27,12 @@ pub struct ReplicaReport {
     /// `ok`, `failed` (unreachable, broke off) or `refused` (a safety check).
     pub status: &'static str,
     pub error: Option<String>,
+    /// Files (and symlinks) written into this replica, and their bytes.
     pub files_in: u64,
     pub bytes_in: u64,
+    /// Copies of files read from this replica for others, and their bytes.
+    pub files_out: u64,
+    pub bytes_out: u64,
     pub removed: u64,
     pub metadata: u64,
     /// Actions left for the next run because the path changed during this one.
@@ -42,7 +46,7 @@ pub struct ReplicaReport {
 }
 
 /// One conflict and where its losers were kept.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ConflictReport {
     pub path: String,
     pub winner: String,

@@ -67,6 +67,8 @@ struct Session {
     commit: Vec<(RelPath, Option<Version>)>,
     commit_reset: bool,
     progress: Arc<scan::Progress>,
+    /// Conflict copies older than this go when the session ends.
+    retention: Option<std::time::Duration>,
 }
 
 /// One replica root, serving one session.
@@ -82,8 +84,10 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(root: PathBuf, in_hub: bool) -> Server {
-        let state_dir = state_dir(&root);
+    /// `state_dir`: where this replica's lock, id, scan cache and pair states live
+    /// (`None`: `ROOT/.hubsync`). Conflict copies always stay inside the root.
+    pub fn new(root: PathBuf, state: Option<PathBuf>, in_hub: bool) -> Server {
+        let state_dir = state.unwrap_or_else(|| state_dir(&root));
         Server {
             root,
             state_dir,
@@ -143,7 +147,7 @@ impl Server {
         let (id, warning) = ReplicaId::load(&self.state_dir, !o.dry_run)?;
         let replica = id.unwrap_or_else(ReplicaId::random);
         let excludes = Excludes::new(&o.excludes)?;
-        let mut root = Root::open(&self.root, self.state_dir.clone())?;
+        let mut root = Root::open(&self.root, state_dir(&self.root))?;
         root.fallback_suffix = format!(
             "{}-{}-changed-during-sync",
             conflict_time(Mtime::now()),
@@ -181,6 +185,7 @@ impl Server {
             commit: Vec::new(),
             commit_reset: false,
             progress: self.progress.clone(),
+            retention: None,
         });
         let _ = warning; // reported through the replica id change itself
         // Test hook: pretend this replica's clock is off by this many seconds.
@@ -188,6 +193,15 @@ impl Server {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        let writable = o.check.then(|| {
+            let probe = self.root.join(crate::exclude::temp_name());
+            let ok = std::fs::File::create_new(&probe).is_ok();
+            let _ = std::fs::remove_file(&probe);
+            ok
+        });
+        if let Some(s) = self.session.as_mut() {
+            s.retention = o.conflict_retention.map(std::time::Duration::from_secs);
+        }
         let now = Mtime::now();
         Ok(Opened {
             replica,
@@ -195,6 +209,7 @@ impl Server {
             time: Mtime::new(now.secs + skew, now.nanos),
             pair: status,
             root_was_empty,
+            writable,
         })
     }
 
@@ -210,6 +225,9 @@ impl Server {
             return;
         };
         s.flush_ready(out);
+        if let Some(r) = s.retention.filter(|_| !s.dry_run) {
+            crate::conflicts::prune(&self.root, r);
+        }
         for (_, (inc, _, _)) in s.incoming.drain() {
             s.root.abort_put(inc);
         }
@@ -232,7 +250,7 @@ impl Session {
     fn handle(&mut self, req: Request, state_dir: &Path, out: &mut dyn FnMut(Response)) {
         match req {
             Request::Open(_) | Request::Close => unreachable!("handled by Server"),
-            Request::Scan => self.scan(state_dir, out),
+            Request::Scan => self.scan(&state_dir.join("scan-cache"), out),
             Request::Read {
                 id,
                 path,
@@ -332,13 +350,8 @@ impl Session {
         Ok(())
     }
 
-    fn scan(&mut self, _state_dir: &Path, out: &mut dyn FnMut(Response)) {
-        let cache_path = self
-            .root
-            .path()
-            .join(crate::exclude::STATE_DIR)
-            .join("scan-cache");
-        let cache = match archive::load_scan_cache(&cache_path) {
+    fn scan(&mut self, cache_path: &Path, out: &mut dyn FnMut(Response)) {
+        let cache = match archive::load_scan_cache(cache_path) {
             Ok(c) => c,
             Err(StateError::Missing { .. }) => Vec::new(),
             Err(e) => {
@@ -716,7 +729,7 @@ pub fn serve(root: &Path) -> Result<()> {
         Err(ProtoError::Disconnected) => return Ok(()),
         Err(e) => anyhow::bail!("the hub {e}"),
     }
-    let mut server = Server::new(root.to_path_buf(), false);
+    let mut server = Server::new(root.to_path_buf(), None, false);
 
     // While a request is being handled, say so about once a second.
     let busy = Arc::new(AtomicBool::new(false));

@@ -412,9 +412,19 @@ fn a_stopped_sshd_is_abandoned_in_time_and_the_other_peer_syncs() {
             std::thread::sleep(Duration::from_millis(5));
         }
         net.sshd.pause();
+        let healthy_stopped: Vec<String> = healthy
+            .sshd_processes()
+            .iter()
+            .filter(|p| p.is_stopped())
+            .map(|p| format!("{p:?}"))
+            .collect();
         let out = child.wait_with_output().unwrap();
         let took = start.elapsed();
         net.sshd.resume();
+        assert!(
+            healthy_stopped.is_empty(),
+            "pausing one server stopped the other: {healthy_stopped:?}"
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{via:?}: {err}");
         assert!(took < Duration::from_secs(15), "{via:?}: took {took:?}");

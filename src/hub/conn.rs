@@ -58,13 +58,14 @@ impl Conn {
         replica: usize,
         label: String,
         root: PathBuf,
+        state_dir: PathBuf,
         events: Sender<Incoming>,
     ) -> Conn {
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("hub-replica".into())
             .spawn(move || {
-                let mut server = Server::new(root, true);
+                let mut server = Server::new(root, Some(state_dir), true);
                 let ev = events.clone();
                 let mut out = |r: Response| {
                     let _ = ev.send(Incoming {

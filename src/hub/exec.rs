@@ -484,11 +484,12 @@ impl Run<'_> {
     fn record(&mut self, plan: &Plan, ex: &Exec) {
         for t in &ex.tasks {
             let item = &plan.items[t.item];
-            let rep = &mut self.reps[t.replica];
-            let label = rep.conn.label.clone();
+            let label = self.reps[t.replica].conn.label.clone();
+            let alive = self.reps[t.replica].conn.alive;
             match &t.outcome {
                 Some(Ok(())) => {
                     let size = item.result.as_ref().map_or(0, |v| v.size());
+                    let rep = &mut self.reps[t.replica];
                     let verb = match t.action {
                         Action::Remove => {
                             rep.report.removed += 1;
@@ -503,6 +504,11 @@ impl Run<'_> {
                             if !item.result.as_ref().is_some_and(|v| v.is_dir()) {
                                 rep.report.files_in += 1;
                                 rep.report.bytes_in += size;
+                                if let Some(src) = item.source {
+                                    let src = &mut self.reps[src].report;
+                                    src.files_out += 1;
+                                    src.bytes_out += size;
+                                }
                             }
                             match t.action {
                                 Action::Create => "created",
@@ -516,14 +522,14 @@ impl Run<'_> {
                         .push(format!("{label}: {verb} {}", item.path));
                 }
                 Some(Err(e @ (OpError::Changed | OpError::SourceChanged))) => {
-                    rep.report.deferred += 1;
+                    self.reps[t.replica].report.deferred += 1;
                     self.report
                         .warnings
                         .push(format!("{label}: {}: {e}", item.path));
                 }
                 // A replica that failed as a whole is reported once, not per path.
-                Some(Err(e)) if rep.conn.alive => {
-                    rep.report.failed_actions += 1;
+                Some(Err(e)) if alive => {
+                    self.reps[t.replica].report.failed_actions += 1;
                     self.report
                         .errors
                         .push(format!("{label}: {}: {e}", item.path));

@@ -10,8 +10,11 @@
 //! drives every replica and a dead or silent peer is dropped without holding up the
 //! rest.
 
+mod check;
 mod conn;
 mod exec;
+
+pub use check::{CheckLine, check};
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -28,7 +31,6 @@ use crate::plan::{Action, HUB, Plan, Reason};
 use crate::proto::{Open, Opened, PairStatus, Request, Response, ScanSummary};
 use crate::reconcile::{self, PeerInput, View};
 use crate::report::{ConflictReport, ReplicaReport, RunReport};
-use crate::server::state_dir;
 use crate::transport;
 use crate::version::{Entry, Mtime};
 
@@ -96,8 +98,9 @@ struct Run<'a> {
 /// Runs one synchronization as `s` says.
 pub fn run(s: &Settings) -> Result<Outcome, RunError> {
     let started = Instant::now();
+    let started_at = std::time::SystemTime::now();
     crate::scan::check_root(&s.root).context("the hub's root")?;
-    let hub_state = state_dir(&s.root);
+    let hub_state = s.state_dir.clone();
     let _lock = Lock::acquire(&s.root, &hub_state)?;
     let (hub_id, _) = ReplicaId::load(&hub_state, !s.dry_run).context("the hub's replica id")?;
     let hub_id = hub_id.unwrap_or_else(ReplicaId::random);
@@ -109,7 +112,13 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         ..Default::default()
     };
     let mut reps = vec![Rep {
-        conn: Conn::in_process(HUB, "hub".into(), s.root.clone(), tx.clone()),
+        conn: Conn::in_process(
+            HUB,
+            "hub".into(),
+            s.root.clone(),
+            hub_state.clone(),
+            tx.clone(),
+        ),
         url: s.root.display().to_string(),
         pair_path: None,
         agreed: None,
@@ -154,14 +163,15 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         let connect: Box<dyn FnOnce() -> Result<transport::Link, String> + Send> =
             match p.target.clone() {
                 Target::Local(path) => {
-                    let (exe, cmd) = (s.exe.clone(), s.remote_command.clone());
+                    let exe = s.exe.clone();
+                    let cmd = Some(p.ssh.remote_command.clone()).filter(|c| !c.is_empty());
                     Box::new(move || {
                         transport::spawn_local(&exe, cmd.as_deref(), &path)
                             .map_err(|e| format!("cannot start `hubsync serve`: {e}"))
                     })
                 }
                 Target::Ssh(t) => {
-                    let o = s.ssh.clone();
+                    let o = p.ssh.clone();
                     match o.ssh_command.clone() {
                         Some(words) => Box::new(move || {
                             transport::ssh::spawn_openssh(&t, &o, &words)
@@ -205,6 +215,9 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
     };
     let result = run.go();
     run.finish(started);
+    if !s.dry_run {
+        run.record_status(started_at);
+    }
     let labels = run.labels();
     let plan = result?;
     Ok(Outcome {
@@ -258,6 +271,8 @@ impl Run<'_> {
                 pair,
                 dry_run: self.s.dry_run,
                 pair_replica,
+                check: false,
+                conflict_retention: Some(self.s.conflict_retention.as_secs()),
             }));
             rep.conn.send(Request::Scan);
         }
@@ -291,8 +306,8 @@ impl Run<'_> {
     }
 
     fn check_timeouts(&mut self) {
-        let limit = self.s.idle_timeout;
-        for rep in self.reps.iter_mut().skip(1) {
+        for (i, rep) in self.reps.iter_mut().enumerate().skip(1) {
+            let limit = self.s.peers[i - 1].timeout;
             if rep.conn.alive && rep.conn.last_heard.elapsed() > limit && self_waiting(rep) {
                 let what = if rep.scanned.is_none() {
                     "its scan".to_string()
@@ -351,8 +366,10 @@ impl Run<'_> {
             Event::Response(Response::Progress { .. }) => {}
             Event::Closed(why) => {
                 if rep.conn.alive {
-                    // Let it finish exiting so that its last words are in stderr.
-                    let exit = rep.conn.wait(Duration::from_secs(2));
+                    // Let it finish exiting (its input closed) so that its last
+                    // words are in stderr.
+                    rep.conn.close();
+                    let exit = rep.conn.wait(Duration::from_secs(1));
                     let stderr = rep.conn.stderr();
                     let mut msg =
                         why.unwrap_or_else(|| "the connection closed unexpectedly".into());
@@ -561,6 +578,20 @@ impl Run<'_> {
         }
     }
 
+    /// Leaves the status file (and metrics), and removes old conflict copies.
+    fn record_status(&mut self, started: std::time::SystemTime) {
+        let st = crate::status::Status::record(&self.s.state_dir, self.s, &self.report, started);
+        if let Err(e) = st.save(&self.s.state_dir) {
+            self.report.warnings.push(format!("{e:#}"));
+        }
+        if let Some(m) = &self.s.metrics_file
+            && let Err(e) = st.save_metrics(m)
+        {
+            self.report.warnings.push(format!("{e:#}"));
+        }
+        crate::conflicts::prune(&self.s.root, self.s.conflict_retention);
+    }
+
     /// Fills the per-replica figures with what the plan would do (dry runs).
     fn count_planned(&mut self, plan: &Plan) {
         for item in plan.changes() {
@@ -670,7 +701,7 @@ impl Rep {
 }
 
 /// What to do about a peer that failed with `stderr`.
-fn hint(stderr: &str) -> String {
+pub(crate) fn hint(stderr: &str) -> String {
     if stderr.contains("command not found") || stderr.contains("No such file or directory") {
         " (install hubsync on the peer, or point --remote-command at it, e.g. --remote-command /usr/local/bin/hubsync)".into()
     } else if stderr.contains("Host key verification failed") {

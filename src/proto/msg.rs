@@ -66,6 +66,10 @@ pub struct Open {
     /// The replica id the hub's agreed state was made with: a delta is only
     /// meaningful if this is still the same replica.
     pub pair_replica: Option<ReplicaId>,
+    /// Only checking (`hubsync check`): also try whether the root is writable.
+    pub check: bool,
+    /// Remove conflict copies older than this many seconds when the session ends.
+    pub conflict_retention: Option<u64>,
 }
 
 /// What a replica must find at a path before changing it.
@@ -151,6 +155,8 @@ pub struct Opened {
     /// The root held nothing at all, not even a state directory, when the session
     /// began: what an unmounted disk looks like.
     pub root_was_empty: bool,
+    /// Whether a file could be created in the root (asked for by `check`).
+    pub writable: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]

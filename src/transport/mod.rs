@@ -149,6 +149,8 @@ impl End for ChildEnd {
     }
 
     fn stderr(&self) -> String {
+        // Once the child has exited, give the collector a moment to read the rest
+        // (bounded: a grandchild may still hold the pipe open).
         if self.exited.is_some()
             && let Some(t) = self
                 .stderr_thread
@@ -156,7 +158,10 @@ impl End for ChildEnd {
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
         {
-            let _ = t.join();
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         let s = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
         String::from_utf8_lossy(&s).trim().to_string()
