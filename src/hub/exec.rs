@@ -71,6 +71,8 @@ pub(super) struct Exec {
     later: Vec<Vec<usize>>,
     earlier_left: Vec<usize>,
     committed: Vec<bool>,
+    /// On a terminal only: bytes delivered of all that must be, rate, ETA.
+    progress: Option<indicatif::ProgressBar>,
 }
 
 /// Per plan item, which replicas carried out their action successfully.
@@ -208,18 +210,26 @@ impl Run<'_> {
                 self.send_task(&mut ex, t);
             }
         }
+        ex.progress = self.progress_bar(&ex);
         self.exec = Some(ex);
         loop {
             self.reap();
             self.start_transfers(plan);
             self.send_later();
             let ex = self.exec.as_ref().expect("set above");
+            if let Some(bar) = &ex.progress {
+                let done = ex.tasks.len() - ex.remaining;
+                bar.set_message(format!("{done}/{} changes", ex.tasks.len()));
+            }
             if ex.remaining == 0 {
                 break;
             }
             self.pump_once();
         }
         let ex = self.exec.take().expect("set above");
+        if let Some(bar) = &ex.progress {
+            bar.finish_and_clear();
+        }
         self.record(plan, &ex);
         let mut outcomes: Outcomes = vec![Vec::new(); plan.items.len()];
         for t in &ex.tasks {
@@ -230,6 +240,33 @@ impl Run<'_> {
             ..Default::default()
         });
         outcomes
+    }
+
+    /// A progress bar for long runs (a first sync), on a terminal only: nothing of it
+    /// reaches the journal.
+    fn progress_bar(&self, ex: &Exec) -> Option<indicatif::ProgressBar> {
+        use std::io::IsTerminal;
+        if self.s.json
+            || self.s.verbosity < crate::report::Verbosity::Normal
+            || !std::io::stderr().is_terminal()
+        {
+            return None;
+        }
+        let total: u64 = ex
+            .transfers
+            .iter()
+            .map(|t| t.size * t.dests.len() as u64)
+            .sum();
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>18} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .ok()?
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Some(bar)
     }
 
     fn pump_once(&mut self) {
@@ -452,6 +489,9 @@ impl Run<'_> {
                                 bytes.clone().unwrap_or_default()
                             };
                             ex.in_flight += data.len() as u64;
+                            if let Some(bar) = &ex.progress {
+                                bar.inc(data.len() as u64);
+                            }
                             self.reps[task.replica].queued += data.len() as u64;
                             self.reps[task.replica].conn.send(Request::Data {
                                 id: task.id,
