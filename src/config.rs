@@ -74,6 +74,8 @@ pub struct Settings {
     pub metrics_file: Option<PathBuf>,
     /// Where the file came from, if there was one (for messages).
     pub config_file: Option<PathBuf>,
+    /// Files merged line by line instead of one version winning.
+    pub merges: Vec<crate::merge::MergeRule>,
 }
 
 /// What the command line says; `None`/empty means "not given".
@@ -120,6 +122,8 @@ struct File {
     metrics_file: Option<Spanned<String>>,
     #[serde(default, rename = "peer")]
     peers: Vec<FilePeer>,
+    #[serde(default, rename = "merge")]
+    merges: Vec<Spanned<crate::merge::MergeRule>>,
 }
 
 #[derive(Deserialize)]
@@ -459,6 +463,19 @@ impl Settings {
                 None => src.abs_path(&file.metrics_file, "metrics_file")?,
             },
             config_file,
+            merges: {
+                let mut merges = Vec::new();
+                for m in &file.merges {
+                    if let Err(e) = m.get_ref().check() {
+                        return src.err(m.span(), e);
+                    }
+                    if let Err(e) = globset::Glob::new(&m.get_ref().glob) {
+                        return src.err(m.span(), format!("merge glob: {e}"));
+                    }
+                    merges.push(m.get_ref().clone());
+                }
+                merges
+            },
         })
     }
 }

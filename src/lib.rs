@@ -13,6 +13,7 @@ pub mod conflicts;
 pub mod exclude;
 pub mod hub;
 pub mod lock;
+pub mod merge;
 pub mod plan;
 pub mod proto;
 pub mod reconcile;

@@ -55,6 +55,9 @@ pub enum Reason {
     /// Nobody changed it; some replicas are behind the hub (they missed an earlier
     /// run) and catch up.
     CatchUp,
+    /// Changed differently on several replicas, and merged: the result holds every
+    /// line of each of these replicas' versions (computed when the plan runs).
+    Merged { on: Vec<usize> },
     /// Changed differently on several replicas.
     Conflict {
         winner: usize,
@@ -77,6 +80,9 @@ pub struct Item {
     /// Peers whose agreed state for this path becomes `result` once the actions on
     /// the hub and on that peer have succeeded.
     pub agree: Vec<usize>,
+    /// For a merge: the versions whose lines make the result, and where they are.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merge: Vec<(usize, Version)>,
 }
 
 /// Everything one run would do.
@@ -132,9 +138,10 @@ impl PlanDisplay<'_> {
 impl fmt::Display for PlanDisplay<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for item in self.plan.changes() {
-            let what = match &item.result {
-                None => "delete".to_string(),
-                Some(v) => v.kind.name().to_string(),
+            let what = match (&item.result, &item.reason) {
+                (None, _) => "delete".to_string(),
+                (Some(_), Reason::Merged { .. }) => "merge".to_string(),
+                (Some(v), _) => v.kind.name().to_string(),
             };
             let why = match &item.reason {
                 Reason::Changed { on } => format!("changed on {}", self.names(on.iter().copied())),
@@ -144,6 +151,10 @@ impl fmt::Display for PlanDisplay<'_> {
                     self.names(on.iter().copied())
                 ),
                 Reason::CatchUp => "catching up with the hub".to_string(),
+                Reason::Merged { on } => format!(
+                    "changed on {}; their lines are merged",
+                    self.names(on.iter().copied())
+                ),
                 Reason::Conflict {
                     winner,
                     losers,

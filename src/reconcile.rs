@@ -49,6 +49,9 @@ pub struct Input<'a> {
     /// The hub's full scan.
     pub hub: &'a [Entry],
     pub peers: Vec<PeerInput<'a>>,
+    /// Files whose conflicting versions are merged (their lines united) instead of
+    /// one winning: append-only logs.
+    pub mergeable: Option<&'a globset::GlobSet>,
 }
 
 /// A replica's state at one path, borrowed from the input.
@@ -226,7 +229,8 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
                 skip: Some("a directory above it is left alone this run".into()),
             })
         } else {
-            decide(row, &clock_ok)
+            let merge = input.mergeable.is_some_and(|g| g.is_match(path.as_path()));
+            decide(row, &clock_ok, merge)
         };
         let skipping = decision.as_ref().is_some_and(|d| d.skip.is_some());
         stack.push(Open {
@@ -273,7 +277,7 @@ fn settle(stack: &mut Vec<Open<'_>>, plan: &mut Plan) {
 
 /// Decides one path; `None` when every replica already holds the agreed version
 /// (the common case, kept free of allocation).
-fn decide<'a>(row: Row<'a>, clock_ok: &[bool]) -> Option<Decision<'a>> {
+fn decide<'a>(row: Row<'a>, clock_ok: &[bool], mergeable: bool) -> Option<Decision<'a>> {
     let n = row.states.len();
     let h = row.states[HUB].expect("the hub always takes part");
     if let Some(why) = row.states.iter().flatten().find_map(|s| match s {
@@ -331,7 +335,7 @@ fn decide<'a>(row: Row<'a>, clock_ok: &[bool]) -> Option<Decision<'a>> {
         };
         (h.version().cloned(), reason)
     } else {
-        resolve(&candidates, version_of)
+        resolve(&candidates, version_of, mergeable)
     };
     let by_clock = matches!(
         reason,
@@ -357,6 +361,7 @@ fn decide<'a>(row: Row<'a>, clock_ok: &[bool]) -> Option<Decision<'a>> {
 fn resolve<'a>(
     candidates: &[usize],
     version_of: impl Fn(usize) -> Option<&'a Version>,
+    mergeable: bool,
 ) -> (Option<Version>, Reason) {
     let holders = |pred: &dyn Fn(Option<&Version>) -> bool| -> Vec<usize> {
         candidates
@@ -394,6 +399,11 @@ fn resolve<'a>(
     if one_content && !deleted {
         let on = holders(&|x| x.is_some());
         return (Some(winning.clone()), Reason::Metadata { on });
+    }
+    if mergeable && !one_content && present.iter().all(|(_, v)| v.is_file()) {
+        // Every differing version's lines go into the result: nobody loses.
+        let on = present.iter().map(|&(r, _)| r).collect();
+        return (Some(winning.clone()), Reason::Merged { on });
     }
     let rule = if one_content {
         Rule::ModifiedBeatsDeleted
@@ -483,13 +493,17 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
         let Some(cur) = st.map(St::version) else {
             continue;
         };
-        if same(cur, result.as_ref()) {
+        // A merge's result is only known when it runs: everyone may need it.
+        let merged = matches!(d.reason, Reason::Merged { .. });
+        if same(cur, result.as_ref()) && !merged {
             continue;
         }
         let action = match (&result, cur) {
             (None, None) => continue,
             (None, Some(_)) => Action::Remove,
             (Some(_), None) => Action::Create,
+            // A merge contains every candidate's lines: nothing to keep aside.
+            (Some(_), Some(_)) if merged => Action::Replace,
             (Some(res), Some(cur)) if cur.same_content(res) => Action::SetMeta,
             (Some(_), Some(_)) if d.candidates.contains(&r) => Action::KeepAndReplace,
             (Some(_), Some(_)) => Action::Replace,
@@ -501,6 +515,7 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
         .any(|(_, a)| matches!(a, Action::Create | Action::Replace | Action::KeepAndReplace));
     // Prefer the hub (no relay), then the lowest peer, among those holding the bytes.
     let source = match &result {
+        _ if matches!(d.reason, Reason::Merged { .. }) => None,
         Some(res) if res.is_file() && needs_bytes => d
             .row
             .states
@@ -518,6 +533,17 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
     if actions.is_empty() && agree.is_empty() {
         return;
     }
+    let merge = match &d.reason {
+        Reason::Merged { on } => on
+            .iter()
+            .filter_map(|&r| {
+                d.row.states[r]
+                    .and_then(St::version)
+                    .map(|v| (r, v.clone()))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     plan.items.push(Item {
         path,
         result,
@@ -525,6 +551,7 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
         source,
         actions,
         agree,
+        merge,
     });
 }
 

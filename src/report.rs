@@ -105,6 +105,7 @@ fn reason_text(r: &Reason, labels: &[String]) -> String {
         Reason::Deleted { on } => format!("deleted on {}", names(on)),
         Reason::Metadata { on } => format!("metadata changed on {}", names(on)),
         Reason::CatchUp => "catching up".into(),
+        Reason::Merged { on } => format!("merged the lines of {}", names(on)),
         Reason::Conflict {
             winner,
             losers,

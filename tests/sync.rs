@@ -559,3 +559,50 @@ fn a_peer_speaking_another_protocol_version_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn append_only_logs_are_merged_line_by_line() {
+    let e = Env::new(3);
+    let cfg = e.dir.path().join("merge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "root = \"{}\"\n[[peer]]\nname = \"b\"\nurl = \"{}\"\n[[peer]]\nname = \"c\"\nurl = \"{}\"\n[[merge]]\nglob = \"**/*.changes\"\nsort_by_leading_number = true\n",
+            e.r(0).display(),
+            e.r(1).display(),
+            e.r(2).display()
+        ),
+    )
+    .unwrap();
+    let run_cfg = || {
+        let mut c = std::process::Command::new(BIN);
+        c.arg("sync").arg("--config").arg(&cfg);
+        common::run(c)
+    };
+    e.write(0, "meta/p.changes", "100\tcreated\n", T0);
+    assert_eq!(run_cfg().code(), 0);
+    e.write(
+        0,
+        "meta/p.changes",
+        "100\tcreated\n300\tedit on the hub\n",
+        T0 + 3,
+    );
+    e.write(
+        1,
+        "meta/p.changes",
+        "100\tcreated\n200\tedit on b\n",
+        T0 + 2,
+    );
+    let r = run_cfg();
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let merged = "100\tcreated\n200\tedit on b\n300\tedit on the hub\n";
+    for i in 0..3 {
+        assert_eq!(e.read(i, "meta/p.changes"), merged, "replica {i}");
+    }
+    assert!(find(&e.r(0), "conflict-").is_empty() && find(&e.r(1), "conflict-").is_empty());
+    // Agreed on: the next run has nothing to do.
+    let mut c = std::process::Command::new(BIN);
+    c.arg("sync").arg("--config").arg(&cfg).arg("--json");
+    let j = common::run(c).json();
+    assert!(j["plan"].as_array().unwrap().is_empty(), "{j}");
+}

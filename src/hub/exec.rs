@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::plan::{Action, HUB, Plan};
+use crate::plan::{Action, HUB, Plan, Reason};
 use crate::proto::{CHUNK, Expect, Op, OpError, Request, Response};
 use crate::version::Kind;
 
@@ -49,9 +49,20 @@ struct Transfer {
     done: bool,
 }
 
+/// A merge: read every input version, unite their lines, send the result.
+struct MergeJob {
+    item: usize,
+    inputs: Vec<(usize, crate::version::Version)>,
+    bufs: Vec<Vec<u8>>,
+    outstanding: usize,
+    dests: Vec<usize>,
+    done: bool,
+}
+
 enum Waiting {
     Task(usize),
     Read { transfer: usize, len: u64 },
+    MergeRead { job: usize, input: usize, len: u64 },
 }
 
 #[derive(Default)]
@@ -73,10 +84,21 @@ pub(super) struct Exec {
     committed: Vec<bool>,
     /// On a terminal only: bytes delivered of all that must be, rate, ETA.
     progress: Option<indicatif::ProgressBar>,
+    merges: Vec<MergeJob>,
+    /// The results of merges that were computed, by item.
+    merged: HashMap<usize, crate::version::Version>,
 }
 
-/// Per plan item, which replicas carried out their action successfully.
-pub(super) type Outcomes = Vec<Vec<(usize, bool)>>;
+/// What execution did: per plan item, which replicas carried out their action
+/// successfully, and the results of merges (known only once they ran).
+#[derive(Default)]
+pub(super) struct Outcomes {
+    pub ok: Vec<Vec<(usize, bool)>>,
+    pub merged: HashMap<usize, crate::version::Version>,
+}
+
+/// Merged files are built in memory: larger ones are left to the next run.
+const MAX_MERGE: u64 = 64 << 20;
 
 impl Run<'_> {
     /// Executes `plan`; returns per item which replicas succeeded.
@@ -159,7 +181,29 @@ impl Run<'_> {
                     counted: false,
                 });
             }
-            if !file_dests.is_empty() {
+            if !file_dests.is_empty() && matches!(item.reason, Reason::Merged { .. }) {
+                let ok = item
+                    .merge
+                    .iter()
+                    .all(|(r, v)| self.reps[*r].taking_part() && v.size() <= MAX_MERGE);
+                if ok {
+                    ex.merges.push(MergeJob {
+                        item: ii,
+                        inputs: item.merge.clone(),
+                        bufs: vec![Vec::new(); item.merge.len()],
+                        outstanding: 0,
+                        dests: file_dests,
+                        done: false,
+                    });
+                } else {
+                    for t in file_dests {
+                        let why = OpError::Refused(
+                            "a version to merge is too large or unreachable".into(),
+                        );
+                        finish_task(&mut ex, t, Err(why));
+                    }
+                }
+            } else if !file_dests.is_empty() {
                 let size = item.result.as_ref().map_or(0, |v| v.size());
                 match item.source.filter(|&s| self.reps[s].taking_part()) {
                     Some(source) => {
@@ -210,6 +254,9 @@ impl Run<'_> {
                 self.send_task(&mut ex, t);
             }
         }
+        for j in 0..ex.merges.len() {
+            self.start_merge(&mut ex, plan, j);
+        }
         ex.progress = self.progress_bar(&ex);
         self.exec = Some(ex);
         loop {
@@ -231,15 +278,112 @@ impl Run<'_> {
             bar.finish_and_clear();
         }
         self.record(plan, &ex);
-        let mut outcomes: Outcomes = vec![Vec::new(); plan.items.len()];
+        let mut outcomes = Outcomes {
+            ok: vec![Vec::new(); plan.items.len()],
+            merged: ex.merged.clone(),
+        };
         for t in &ex.tasks {
-            outcomes[t.item].push((t.replica, matches!(t.outcome, Some(Ok(())))));
+            outcomes.ok[t.item].push((t.replica, matches!(t.outcome, Some(Ok(())))));
         }
         self.exec = Some(Exec {
             committed: ex.committed,
             ..Default::default()
         });
         outcomes
+    }
+
+    /// Asks every input of merge `j` for its whole content.
+    fn start_merge(&mut self, ex: &mut Exec, plan: &Plan, j: usize) {
+        let path = plan.items[ex.merges[j].item].path.clone();
+        for k in 0..ex.merges[j].inputs.len() {
+            let (r, size) = (ex.merges[j].inputs[k].0, ex.merges[j].inputs[k].1.size());
+            let mut offset = 0;
+            while offset < size {
+                let len = (size - offset).min(CHUNK as u64);
+                let rep = &mut self.reps[r];
+                let id = rep.conn.next_id();
+                rep.conn.send(Request::Read {
+                    id,
+                    path: path.clone(),
+                    offset,
+                    len: len as u32,
+                });
+                rep.pending += 1;
+                ex.merges[j].outstanding += 1;
+                ex.by_id.insert(
+                    (r, id),
+                    Waiting::MergeRead {
+                        job: j,
+                        input: k,
+                        len,
+                    },
+                );
+                offset += len;
+            }
+        }
+        if ex.merges[j].outstanding == 0 {
+            self.finish_merge(ex, j);
+        }
+    }
+
+    /// All inputs are in: check them, unite their lines, send the result.
+    fn finish_merge(&mut self, ex: &mut Exec, j: usize) {
+        let m = &ex.merges[j];
+        let intact = m.inputs.iter().zip(&m.bufs).all(|((_, v), b)| {
+            matches!(&v.kind, Kind::File { size, hash } if *size == b.len() as u64 && *hash == crate::version::Hash::of(b))
+        });
+        if !intact {
+            return fail_merge(ex, j, OpError::SourceChanged);
+        }
+        let path = match &ex.tasks[m.dests[0]].op {
+            Some(Op::PutFile { path, .. }) => path.clone(),
+            _ => return fail_merge(ex, j, OpError::Refused("not a file".into())),
+        };
+        let Some(rule) = self
+            .merge_rules
+            .iter()
+            .find(|(g, _)| g.is_match(path.as_path()))
+            .map(|(_, r)| r.clone())
+        else {
+            return fail_merge(ex, j, OpError::Refused("no merge rule".into()));
+        };
+        let inputs: Vec<&[u8]> = m.bufs.iter().map(Vec::as_slice).collect();
+        let bytes = crate::merge::merge_lines(&rule, &inputs);
+        let newest = m
+            .inputs
+            .iter()
+            .map(|(_, v)| v)
+            .max_by(|a, b| a.precedence(b))
+            .expect("inputs");
+        let version = crate::version::Version {
+            kind: Kind::File {
+                size: bytes.len() as u64,
+                hash: crate::version::Hash::of(&bytes),
+            },
+            ..newest.clone()
+        };
+        ex.merges[j].done = true;
+        ex.merges[j].bufs = Vec::new();
+        ex.merged.insert(ex.merges[j].item, version.clone());
+        for d in ex.merges[j].dests.clone() {
+            if ex.tasks[d].outcome.is_some() {
+                continue;
+            }
+            if let Some(Op::PutFile { version: v, .. }) = ex.tasks[d].op.as_mut() {
+                *v = version.clone();
+            }
+            self.send_task(ex, d);
+            let (r, id) = (ex.tasks[d].replica, ex.tasks[d].id);
+            for chunk in bytes.chunks(CHUNK) {
+                self.reps[r].conn.send(Request::Data {
+                    id,
+                    bytes: chunk.to_vec(),
+                });
+            }
+            self.reps[r].conn.send(Request::End { id });
+            ex.tasks[d].counted = true;
+            self.reps[r].pending += 1;
+        }
     }
 
     /// A progress bar for long runs (a first sync), on a terminal only: nothing of it
@@ -318,6 +462,19 @@ impl Run<'_> {
                         .clone()
                         .unwrap_or_else(|| "it failed".into());
                     finish_task(&mut ex, t, Err(OpError::Io(why)));
+                }
+            }
+            for j in 0..ex.merges.len() {
+                let dead_input = ex.merges[j]
+                    .inputs
+                    .iter()
+                    .any(|(r, _)| !self.reps[*r].conn.alive);
+                if dead_input {
+                    fail_merge(
+                        &mut ex,
+                        j,
+                        OpError::Io("a replica holding a version to merge failed".into()),
+                    );
                 }
             }
             for tr in 0..ex.transfers.len() {
@@ -460,10 +617,33 @@ impl Run<'_> {
                     let err = result.err().unwrap_or(OpError::SourceChanged);
                     self.abort_transfer(&mut ex, transfer, err);
                 }
+                Some(Waiting::MergeRead { job, .. }) => {
+                    self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
+                    ex.merges[job].outstanding -= 1;
+                    fail_merge(&mut ex, job, result.err().unwrap_or(OpError::SourceChanged));
+                }
                 None => {}
             },
             Response::Data { id, bytes } => {
-                if let Some(Waiting::Read { transfer: tr, len }) = ex.by_id.remove(&(r, id)) {
+                let merge_read = match ex.by_id.get(&(r, id)) {
+                    Some(Waiting::MergeRead { job, input, len }) => Some((*job, *input, *len)),
+                    _ => None,
+                };
+                if let Some((job, input, len)) = merge_read {
+                    ex.by_id.remove(&(r, id));
+                    self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
+                    let m = &mut ex.merges[job];
+                    m.outstanding -= 1;
+                    if (bytes.len() as u64) < len {
+                        fail_merge(&mut ex, job, OpError::SourceChanged);
+                    } else {
+                        m.bufs[input].extend_from_slice(&bytes);
+                        if m.outstanding == 0 && !m.done {
+                            self.finish_merge(&mut ex, job);
+                        }
+                    }
+                } else if let Some(Waiting::Read { transfer: tr, len }) = ex.by_id.remove(&(r, id))
+                {
                     self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
                     ex.in_flight = ex.in_flight.saturating_sub(len);
                     ex.transfers[tr].outstanding -= 1;
@@ -583,7 +763,7 @@ impl Run<'_> {
     /// Sends each peer the changes to its agreed state and saves ours once it has
     /// saved its own.
     pub(super) fn commit(&mut self, plan: &Plan, outcomes: &Outcomes) {
-        let ok = |item: usize, r: usize| outcomes[item].iter().all(|&(x, good)| x != r || good);
+        let ok = |item: usize, r: usize| outcomes.ok[item].iter().all(|&(x, good)| x != r || good);
         let mut new_states = Vec::new();
         for i in 1..self.reps.len() {
             let rep = &self.reps[i];
@@ -595,7 +775,14 @@ impl Run<'_> {
                 .iter()
                 .enumerate()
                 .filter(|(ii, item)| item.agree.contains(&i) && ok(*ii, HUB) && ok(*ii, i))
-                .map(|(_, item)| (item.path.clone(), item.result.clone()))
+                .filter_map(|(ii, item)| match &item.reason {
+                    // A merge is agreed on only if it was made.
+                    Reason::Merged { .. } => outcomes
+                        .merged
+                        .get(&ii)
+                        .map(|v| (item.path.clone(), Some(v.clone()))),
+                    _ => Some((item.path.clone(), item.result.clone())),
+                })
                 .collect();
             if changes.is_empty() && rep.shared {
                 continue;
@@ -649,6 +836,17 @@ impl Run<'_> {
             rep.agreed = Some(state);
         }
         self.exec = None;
+    }
+}
+
+/// A merge that cannot be made this run: its destinations keep their versions.
+fn fail_merge(ex: &mut Exec, j: usize, why: OpError) {
+    if ex.merges[j].done {
+        return;
+    }
+    ex.merges[j].done = true;
+    for d in ex.merges[j].dests.clone() {
+        finish_task(ex, d, Err(why.clone()));
     }
 }
 

@@ -93,6 +93,9 @@ struct Run<'a> {
     /// Time part of this run's conflict-copy names.
     stamp: String,
     exec: Option<exec::Exec>,
+    /// Paths whose conflicting versions are merged, and how.
+    mergeable: Option<globset::GlobSet>,
+    merge_rules: Vec<(globset::GlobMatcher, crate::merge::MergeRule)>,
 }
 
 /// Runs one synchronization as `s` says.
@@ -212,7 +215,10 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         hub_id,
         stamp: conflict_time(Mtime::now()),
         exec: None,
+        mergeable: None,
+        merge_rules: Vec::new(),
     };
+    run.compile_merges()?;
     let result = run.go();
     run.finish(started);
     if !s.dry_run {
@@ -228,6 +234,23 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
 }
 
 impl Run<'_> {
+    fn compile_merges(&mut self) -> Result<(), RunError> {
+        let mut set = globset::GlobSetBuilder::new();
+        for rule in &self.s.merges {
+            let glob = globset::GlobBuilder::new(&rule.glob)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| anyhow!("merge rule {:?}: {e}", rule.glob))?;
+            set.add(glob.clone());
+            self.merge_rules
+                .push((glob.compile_matcher(), rule.clone()));
+        }
+        if !self.merge_rules.is_empty() {
+            self.mergeable = Some(set.build().map_err(|e| anyhow!("{e}"))?);
+        }
+        Ok(())
+    }
+
     fn labels(&self) -> Vec<String> {
         self.reps.iter().map(|r| r.conn.label.clone()).collect()
     }
@@ -464,6 +487,7 @@ impl Run<'_> {
         loop {
             let plan = {
                 let input = reconcile::Input {
+                    mergeable: self.mergeable.as_ref(),
                     hub: &self.reps[HUB].entries,
                     peers: self.reps[1..]
                         .iter()

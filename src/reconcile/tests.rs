@@ -93,6 +93,7 @@ fn render(plan: &Plan) -> Vec<String> {
                 Reason::Deleted { on } => format!("deleted({})", list(on)),
                 Reason::Metadata { on } => format!("meta({})", list(on)),
                 Reason::CatchUp => "catchup".into(),
+                Reason::Merged { on } => format!("merge({})", list(on)),
                 Reason::Conflict {
                     winner,
                     losers,
@@ -162,6 +163,17 @@ fn agreed_list(t: &Tree) -> Vec<(RelPath, Version)> {
 /// (`None`: first sync).
 #[track_caller]
 fn check(agreed: &[Option<Tree>], hub: Tree, peers: &[Tree], expect: &[&str]) {
+    check_with(None, agreed, hub, peers, expect)
+}
+
+#[track_caller]
+fn check_with(
+    mergeable: Option<&globset::GlobSet>,
+    agreed: &[Option<Tree>],
+    hub: Tree,
+    peers: &[Tree],
+    expect: &[&str],
+) {
     let hub_e = entries(&hub);
     let peer_e: Vec<Vec<Entry>> = peers.iter().map(entries).collect();
     let agreed_l: Vec<Option<Vec<(RelPath, Version)>>> =
@@ -177,6 +189,7 @@ fn check(agreed: &[Option<Tree>], hub: Tree, peers: &[Tree], expect: &[&str]) {
                 clock_ok: true,
             })
             .collect(),
+        mergeable,
     };
     let got = render(&reconcile(&input));
     assert_eq!(got, expect, "\ngot:\n  {}\n", got.join("\n  "));
@@ -409,6 +422,7 @@ fn plan_of(agreed: &[Option<Tree>], hub: Tree, peers: &[Tree]) -> Plan {
                 clock_ok: true,
             })
             .collect(),
+        mergeable: None,
     })
 }
 
@@ -578,6 +592,7 @@ fn peers_not_taking_part_are_left_alone() {
                 clock_ok: true,
             },
         ],
+        mergeable: None,
     });
     assert_eq!(render(&plan), ["b = f:b@2 changed(0) <0 1:create"]);
     assert_eq!(plan.items[0].agree, vec![1]);
@@ -604,6 +619,7 @@ fn delta_views_read_through_to_the_agreed_state() {
             agreed: Some(&base),
             clock_ok: true,
         }],
+        mergeable: None,
     });
     assert_eq!(
         render(&plan),
@@ -620,6 +636,7 @@ fn delta_views_read_through_to_the_agreed_state() {
             agreed: Some(&base),
             clock_ok: true,
         }],
+        mergeable: None,
     });
     assert!(plan.items.is_empty());
 }
@@ -646,6 +663,7 @@ fn paths_being_written_or_unreadable_are_left_alone() {
             agreed: Some(&ag),
             clock_ok: true,
         }],
+        mergeable: None,
     });
     assert_eq!(render(&plan), ["d skip", "d/a skip", "e skip"]);
     assert!(
@@ -671,6 +689,7 @@ fn conflicts_with_a_skewed_clock_are_left_alone_but_other_changes_flow() {
             agreed: Some(&ag),
             clock_ok: false,
         }],
+        mergeable: None,
     });
     assert_eq!(
         render(&plan),
@@ -679,6 +698,52 @@ fn conflicts_with_a_skewed_clock_are_left_alone_but_other_changes_flow() {
             "new = f:n@2 changed(0) <0 1:create",
             "a skip",
         ]
+    );
+}
+
+#[test]
+fn logs_changed_on_several_replicas_are_merged_not_decided() {
+    let mut b = globset::GlobSetBuilder::new();
+    b.add(globset::Glob::new("**/*.changes").unwrap());
+    let merge = b.build().unwrap();
+    let base = t(&[("meta/p.changes", f("1", 1)), ("pages/p.txt", f("v0", 1))]);
+    let ag = [Some(base.clone()), Some(base.clone())];
+    let a = t(&[
+        ("meta/p.changes", f("1+a", 5)),
+        ("pages/p.txt", f("alice", 5)),
+    ]);
+    let b2 = t(&[
+        ("meta/p.changes", f("1+b", 6)),
+        ("pages/p.txt", f("bob", 6)),
+    ]);
+    check_with(
+        Some(&merge),
+        &ag,
+        a,
+        &[b2, base.clone()],
+        &[
+            "meta/p.changes = f:1+b@6 merge(0,1) 0:replace 1:replace 2:replace",
+            "pages/p.txt = f:bob@6 conflict(w=1 l=0 newest) <1 0:keep 2:replace",
+        ],
+    );
+    // Changed on one replica only: copied as usual.
+    let one = t(&[("meta/p.changes", f("1+a", 5)), ("pages/p.txt", f("v0", 1))]);
+    check_with(
+        Some(&merge),
+        &ag,
+        one,
+        &[base.clone(), base.clone()],
+        &["meta/p.changes = f:1+a@5 changed(0) <0 1:replace 2:replace"],
+    );
+    // A deletion against an append: the append stays (nothing to merge).
+    let gone = t(&[("pages/p.txt", f("v0", 1))]);
+    let app = t(&[("meta/p.changes", f("1+b", 6)), ("pages/p.txt", f("v0", 1))]);
+    check_with(
+        Some(&merge),
+        &ag,
+        gone,
+        &[app, base.clone()],
+        &["meta/p.changes = f:1+b@6 conflict(w=1 l=0 modify>delete) <1 0:create 2:replace"],
     );
 }
 
@@ -758,6 +823,7 @@ fn plan_for(trees: &[Fs], agreed: &[Option<Fs>]) -> Plan {
                 clock_ok: true,
             })
             .collect(),
+        mergeable: None,
     })
 }
 
@@ -887,7 +953,8 @@ proptest! {
                         agreed: ags[i - 1].as_deref(),
                         clock_ok: true,
                     }).collect(),
-                })
+        mergeable: None,
+    })
             } else {
                 plan_for(&trees, &agreed)
             };
