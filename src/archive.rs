@@ -8,8 +8,7 @@
 //! and every caller treats that as "no agreed state": nothing is ever deleted on the
 //! strength of a state file we could not fully verify.
 
-use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use bincode::{Decode, Encode};
@@ -290,35 +289,6 @@ pub fn save_scan_cache(path: &Path, root: &Path, entries: &[CacheEntry]) -> io::
     write_container(path, KIND_SCAN_CACHE, &header, entries.iter())
 }
 
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: blake3::Hasher,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-struct HashingReader<R: Read> {
-    inner: R,
-    hasher: blake3::Hasher,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
 fn write_container<'a, H: Encode, E: Encode + 'a>(
     path: &Path,
     kind: u8,
@@ -330,21 +300,26 @@ fn write_container<'a, H: Encode, E: Encode + 'a>(
     }
     let to_io = |e: bincode::error::EncodeError| io::Error::other(e.to_string());
     crate::util::write_atomic(path, |f| {
-        let mut w = HashingWriter {
-            inner: BufWriter::with_capacity(256 << 10, f),
-            hasher: blake3::Hasher::new(),
-        };
-        w.write_all(MAGIC)?;
-        w.write_all(&[kind])?;
-        w.write_all(&FORMAT_VERSION.to_le_bytes())?;
-        bincode::encode_into_std_write(header, &mut w, config()).map_err(to_io)?;
-        w.write_all(&(entries.len() as u64).to_le_bytes())?;
+        // Encoded in large pieces: hashing and writing many tiny fields one by one
+        // would cost more than the encoding itself.
+        let mut hasher = blake3::Hasher::new();
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+        buf.extend_from_slice(MAGIC);
+        buf.push(kind);
+        buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bincode::encode_into_std_write(header, &mut buf, config()).map_err(to_io)?;
+        buf.extend_from_slice(&(entries.len() as u64).to_le_bytes());
         for e in entries {
-            bincode::encode_into_std_write(e, &mut w, config()).map_err(to_io)?;
+            bincode::encode_into_std_write(e, &mut buf, config()).map_err(to_io)?;
+            if buf.len() >= 1 << 20 {
+                hasher.update(&buf);
+                f.write_all(&buf)?;
+                buf.clear();
+            }
         }
-        let sum = w.hasher.finalize();
-        w.inner.write_all(sum.as_bytes())?;
-        w.inner.flush()
+        hasher.update(&buf);
+        buf.extend_from_slice(hasher.finalize().as_bytes());
+        f.write_all(&buf)
     })
 }
 
@@ -357,8 +332,10 @@ fn read_container<H: Decode<()>, E: Decode<()>>(
         path: path.to_path_buf(),
         why,
     };
-    let file = match File::open(path) {
-        Ok(f) => f,
+    // The whole file at once: one read, one checksum over it, then decoding from
+    // memory (much faster than feeding a hasher field by field).
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(StateError::Missing {
                 path: path.to_path_buf(),
@@ -371,21 +348,13 @@ fn read_container<H: Decode<()>, E: Decode<()>>(
             });
         }
     };
-    let mut r = HashingReader {
-        inner: BufReader::with_capacity(256 << 10, file),
-        hasher: blake3::Hasher::new(),
-    };
-    let mut magic = [0u8; 14];
-    let mut k = [0u8; 1];
-    let mut ver = [0u8; 4];
-    r.read_exact(&mut magic)
-        .and_then(|_| r.read_exact(&mut k))
-        .and_then(|_| r.read_exact(&mut ver))
-        .map_err(|e| corrupt(format!("short header: {e}")))?;
-    if &magic != MAGIC {
+    if bytes.len() < MAGIC.len() + 5 + 8 + 32 {
+        return Err(corrupt("too short".into()));
+    }
+    if &bytes[..MAGIC.len()] != MAGIC {
         return Err(corrupt("not a hubsync state file".into()));
     }
-    let found = u32::from_le_bytes(ver);
+    let found = u32::from_le_bytes(bytes[15..19].try_into().expect("4 bytes"));
     if found != FORMAT_VERSION {
         return Err(StateError::Foreign {
             path: path.to_path_buf(),
@@ -393,38 +362,33 @@ fn read_container<H: Decode<()>, E: Decode<()>>(
             expected: FORMAT_VERSION,
         });
     }
-    if k[0] != kind {
-        return Err(corrupt(format!(
-            "holds state of kind {}, expected {kind}",
-            k[0]
-        )));
-    }
-    let header: H = bincode::decode_from_std_read(&mut r, config())
-        .map_err(|e| corrupt(format!("header: {e}")))?;
-    let mut n = [0u8; 8];
-    r.read_exact(&mut n)
-        .map_err(|e| corrupt(format!("entry count: {e}")))?;
-    let n = u64::from_le_bytes(n);
-    for i in 0..n {
-        let e: E = bincode::decode_from_std_read(&mut r, config())
-            .map_err(|e| corrupt(format!("entry {i} of {n}: {e}")))?;
-        each(e).map_err(|why| corrupt(format!("entry {i}: {why}")))?;
-    }
-    let computed = r.hasher.finalize();
-    let mut sum = [0u8; 32];
-    r.inner
-        .read_exact(&mut sum)
-        .map_err(|e| corrupt(format!("checksum: {e}")))?;
-    if sum != *computed.as_bytes() {
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
         return Err(corrupt("checksum mismatch".into()));
     }
-    let mut extra = [0u8; 1];
-    if r.inner
-        .read(&mut extra)
-        .map_err(|e| corrupt(e.to_string()))?
-        != 0
-    {
-        return Err(corrupt("trailing bytes after checksum".into()));
+    if body[14] != kind {
+        return Err(corrupt(format!(
+            "holds state of kind {}, expected {kind}",
+            body[14]
+        )));
+    }
+    let mut at = 19;
+    let (header, used): (H, usize) = bincode::decode_from_slice(&body[at..], config())
+        .map_err(|e| corrupt(format!("header: {e}")))?;
+    at += used;
+    let n = body
+        .get(at..at + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .ok_or_else(|| corrupt("no entry count".into()))?;
+    at += 8;
+    for i in 0..n {
+        let (e, used): (E, usize) = bincode::decode_from_slice(&body[at..], config())
+            .map_err(|e| corrupt(format!("entry {i} of {n}: {e}")))?;
+        at += used;
+        each(e).map_err(|why| corrupt(format!("entry {i}: {why}")))?;
+    }
+    if at != body.len() {
+        return Err(corrupt("trailing bytes after the entries".into()));
     }
     Ok(header)
 }

@@ -93,31 +93,47 @@ impl Excludes {
     /// Whether `path` itself matches (the walk prunes excluded directories, so their
     /// contents are never asked about).
     pub fn matches(&self, path: &RelPath) -> bool {
-        if is_internal(path) {
+        self.matches_bytes(path.as_bytes())
+    }
+
+    fn matches_bytes(&self, path: &[u8]) -> bool {
+        if is_internal_bytes(path) {
             return true;
         }
-        let name = Path::new(OsStr::from_bytes(path.file_name()));
-        (!self.basename.is_empty() && self.basename.is_match(name))
-            || (!self.anchored.is_empty() && self.anchored.is_match(path.as_path()))
+        if self.patterns.is_empty() {
+            return false;
+        }
+        let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+        (!self.basename.is_empty() && self.basename.is_match(Path::new(OsStr::from_bytes(name))))
+            || (!self.anchored.is_empty()
+                && self.anchored.is_match(Path::new(OsStr::from_bytes(path))))
     }
 
     /// Whether `path` or any of its ancestors matches: for paths that did not come
     /// from our own walk.
     pub fn excludes(&self, path: &RelPath) -> bool {
-        let mut cur = Some(path.clone());
-        while let Some(p) = cur {
-            if self.matches(&p) {
-                return true;
-            }
-            cur = p.parent();
+        let bytes = path.as_bytes();
+        if self.patterns.is_empty() {
+            return is_internal_bytes(bytes);
         }
-        false
+        // The path itself, then each ancestor (every prefix ending before a '/').
+        self.matches_bytes(bytes)
+            || bytes
+                .iter()
+                .enumerate()
+                .any(|(i, &b)| b == b'/' && self.matches_bytes(&bytes[..i]))
     }
 }
 
 /// hubsync's own files: the top-level state directory and temp files anywhere.
 pub fn is_internal(path: &RelPath) -> bool {
-    path.components().next() == Some(STATE_DIR.as_bytes()) || is_temp_name(path.file_name())
+    is_internal_bytes(path.as_bytes())
+}
+
+fn is_internal_bytes(path: &[u8]) -> bool {
+    let top = path.split(|&b| b == b'/').next().unwrap_or(path);
+    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+    top == STATE_DIR.as_bytes() || is_temp_name(name)
 }
 
 #[cfg(test)]

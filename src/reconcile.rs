@@ -18,6 +18,8 @@
 //! below it has been seen, which the depth-first order of `RelPath` makes possible in
 //! one pass.
 
+use smallvec::SmallVec;
+
 use crate::plan::{Action, HUB, Item, Plan, Reason, Rule};
 use crate::relpath::RelPath;
 use crate::version::{Entry, Kind, State, Version};
@@ -46,8 +48,10 @@ pub struct PeerInput<'a> {
 /// Everything reconciliation looks at.
 #[derive(Clone, Debug)]
 pub struct Input<'a> {
-    /// The hub's full scan.
+    /// The hub's full scan, as entries...
     pub hub: &'a [Entry],
+    /// ...or, in a run, as the hub's own scan (shared, not copied).
+    pub hub_snapshot: Option<&'a crate::scan::Snapshot>,
     pub peers: Vec<PeerInput<'a>>,
     /// Files whose conflicting versions are merged (their lines united) instead of
     /// one winning: append-only logs.
@@ -90,9 +94,9 @@ fn same(a: Option<&Version>, b: Option<&Version>) -> bool {
 struct Row<'a> {
     path: &'a RelPath,
     /// Index 0 is the hub; `None` for peers not taking part.
-    states: Vec<Option<St<'a>>>,
+    states: SmallVec<[Option<St<'a>>; 4]>,
     /// Per peer (index 0 unused): `None` = no agreed state; `Some(None)` = agreed absent.
-    agreed: Vec<Option<Option<&'a Version>>>,
+    agreed: SmallVec<[Option<Option<&'a Version>>; 4]>,
 }
 
 /// A k-way merge of sorted entry lists by path.
@@ -152,6 +156,19 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
         items: input.hub,
         pos: 0,
     };
+    let (snap_entries, snap_skipped): (&[crate::archive::CacheEntry], &[(RelPath, String)]) =
+        match input.hub_snapshot {
+            Some(s) => (&s.entries, &s.skipped),
+            None => (&[], &[]),
+        };
+    let mut hub_present = Cursor {
+        items: snap_entries,
+        pos: 0,
+    };
+    let mut hub_skipped = Cursor {
+        items: snap_skipped,
+        pos: 0,
+    };
     let mut views: Vec<Option<(Cursor<'a, Entry>, bool)>> = input
         .peers
         .iter()
@@ -184,6 +201,8 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
                 next = Some(p);
             }
         };
+        consider(hub_present.peek(|e| &e.path));
+        consider(hub_skipped.peek(|e| &e.0));
         for v in views.iter().flatten() {
             consider(v.0.peek(entry_path));
         }
@@ -194,13 +213,20 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
 
         let mut row = Row {
             path,
-            states: Vec::with_capacity(n),
-            agreed: Vec::with_capacity(n),
+            states: SmallVec::with_capacity(n),
+            agreed: SmallVec::with_capacity(n),
         };
-        row.states.push(Some(
-            hub.take_if(path, entry_path)
-                .map_or(St::Absent, |e| St::of(&e.state)),
-        ));
+        let hub_state = match (
+            hub.take_if(path, entry_path),
+            hub_present.take_if(path, |e| &e.path),
+            hub_skipped.take_if(path, |e| &e.0),
+        ) {
+            (_, _, Some((_, why))) => St::Skip(why),
+            (_, Some(e), _) => St::Present(&e.version),
+            (Some(e), _, _) => St::of(&e.state),
+            (None, None, None) => St::Absent,
+        };
+        row.states.push(Some(hub_state));
         row.agreed.push(None);
         for (view, agr) in views.iter_mut().zip(agreed.iter_mut()) {
             let a = agr

@@ -57,7 +57,10 @@ struct Session {
     pair: Option<Agreed>,
     /// Our pair state could be used as the base of a delta this session.
     pair_shared: bool,
-    snapshot: Option<Snapshot>,
+    snapshot: Option<Arc<Snapshot>>,
+    /// The hub's own replica hands its scan to the hub through this slot instead of
+    /// sending (copying) every entry.
+    share: Option<SnapshotSlot>,
     /// What we changed this session, for the scan cache (`None`: removed).
     applied: BTreeMap<RelPath, Option<CacheEntry>>,
     incoming: HashMap<u32, (Incoming, Expect, Option<String>)>,
@@ -81,7 +84,11 @@ pub struct Server {
     session: Option<Session>,
     /// Advanced by scans; read by the keep-alive thread of `serve`.
     pub progress: Arc<scan::Progress>,
+    share: Option<SnapshotSlot>,
 }
+
+/// Where an in-process replica leaves its scan for the hub.
+pub type SnapshotSlot = Arc<Mutex<Option<Arc<Snapshot>>>>;
 
 impl Server {
     /// `state_dir`: where this replica's lock, id, scan cache and pair states live
@@ -95,7 +102,13 @@ impl Server {
             _lock: None,
             session: None,
             progress: Arc::new(scan::Progress::default()),
+            share: None,
         }
+    }
+
+    /// Makes scans land in `slot` rather than on the wire (the hub's own replica).
+    pub fn share_scans(&mut self, slot: SnapshotSlot) {
+        self.share = Some(slot);
     }
 
     /// Handles one request, sending responses through `out`.
@@ -131,6 +144,7 @@ impl Server {
     }
 
     fn open(&mut self, o: Open) -> Result<Opened> {
+        crate::trace!("serve {}: open", self.root.display());
         anyhow::ensure!(self.session.is_none(), "the session is already open");
         scan::check_root(&self.root)?;
         let root_was_empty = std::fs::read_dir(&self.root)?.next().is_none();
@@ -167,6 +181,7 @@ impl Server {
                 Err(e) => (None, PairStatus::Unreadable(e.to_string())),
             }
         };
+        crate::trace!("serve: pair state loaded");
         let pair_shared = o.pair_replica == Some(replica)
             && matches!((&status, o.pair), (PairStatus::Present(t), Some(h)) if *t == h);
         self.session = Some(Session {
@@ -177,6 +192,7 @@ impl Server {
             pair,
             pair_shared,
             snapshot: None,
+            share: self.share.clone(),
             applied: BTreeMap::new(),
             incoming: HashMap::new(),
             ready: Vec::new(),
@@ -234,6 +250,11 @@ impl Server {
         if let Some(snap) = s.snapshot.take()
             && (snap.cache_changed || !s.applied.is_empty())
         {
+            if let Some(slot) = &s.share {
+                // The hub is done with it by now; take it back without a copy.
+                slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            }
+            let snap = Arc::try_unwrap(snap).unwrap_or_else(|shared| (*shared).clone());
             let entries = merge_applied(snap.entries, std::mem::take(&mut s.applied));
             if let Err(e) =
                 archive::save_scan_cache(&self.state_dir.join("scan-cache"), &self.root, &entries)
@@ -351,6 +372,10 @@ impl Session {
     }
 
     fn scan(&mut self, cache_path: &Path, out: &mut dyn FnMut(Response)) {
+        crate::trace!(
+            "serve {}: loading the scan cache",
+            self.root.path().display()
+        );
         let cache = match archive::load_scan_cache(cache_path) {
             Ok(c) => c,
             Err(StateError::Missing { .. }) => Vec::new(),
@@ -359,6 +384,7 @@ impl Session {
                 Vec::new()
             }
         };
+        crate::trace!("serve: cache loaded ({} entries)", cache.len());
         let snap = match scan::scan(
             self.root.path(),
             &self.excludes,
@@ -370,6 +396,28 @@ impl Session {
             Ok(s) => s,
             Err(e) => return out(Response::Fatal(format!("{e:#}"))),
         };
+        crate::trace!(
+            "serve: scanned ({} entries, {} hashed)",
+            snap.entries.len(),
+            snap.stats.hashed_files
+        );
+        if let Some(slot) = &self.share {
+            let st = snap.stats;
+            let snap = Arc::new(snap);
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());
+            self.snapshot = Some(snap);
+            out(Response::ScanDone(ScanSummary {
+                delta: false,
+                files: st.files,
+                dirs: st.dirs,
+                bytes: st.bytes,
+                hashed_files: st.hashed_files,
+                hashed_bytes: st.hashed_bytes,
+                temps_removed: st.temps_removed,
+                millis: st.took.as_millis() as u64,
+            }));
+            return;
+        }
         let delta = self.pair_shared && self.pair.is_some();
         let mut batch = Vec::new();
         let mut size = 0usize;
@@ -442,6 +490,7 @@ impl Session {
         if !batch.is_empty() {
             out(Response::Entries(batch));
         }
+        crate::trace!("serve: entries sent");
         let st = snap.stats;
         out(Response::ScanDone(ScanSummary {
             delta,
@@ -453,7 +502,7 @@ impl Session {
             temps_removed: st.temps_removed,
             millis: st.took.as_millis() as u64,
         }));
-        self.snapshot = Some(snap);
+        self.snapshot = Some(Arc::new(snap));
     }
 
     fn read(&mut self, path: &RelPath, offset: u64, len: u32) -> Result<Vec<u8>, OpError> {

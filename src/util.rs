@@ -79,6 +79,32 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
+/// Whether `HUBSYNC_TRACE` asks for a trace of what a run does, with timings (a
+/// debugging aid: it goes to stderr and is not a stable format).
+pub fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("HUBSYNC_TRACE").is_some())
+}
+
+/// Milliseconds since the process started, for traces.
+pub fn trace_ms() -> u128 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis()
+}
+
+/// Prints a trace line when `HUBSYNC_TRACE` is set.
+#[macro_export]
+macro_rules! trace {
+    ($($arg:tt)*) => {
+        if $crate::util::tracing() {
+            eprintln!("[{} {:>5} ms] {}", std::process::id(), $crate::util::trace_ms(), format!($($arg)*));
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

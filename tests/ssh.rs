@@ -400,7 +400,7 @@ fn a_stopped_sshd_is_abandoned_in_time_and_the_other_peer_syncs() {
         let mut c = net.cmd(
             &hub,
             &[net.url(&stuck), good_url.clone()],
-            &["--timeout", "3s"],
+            &["--timeout", "5s"],
         );
         c.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());

@@ -59,6 +59,7 @@ impl Conn {
         label: String,
         root: PathBuf,
         state_dir: PathBuf,
+        slot: crate::server::SnapshotSlot,
         events: Sender<Incoming>,
     ) -> Conn {
         let (tx, rx) = mpsc::channel::<Request>();
@@ -66,6 +67,7 @@ impl Conn {
             .name("hub-replica".into())
             .spawn(move || {
                 let mut server = Server::new(root, Some(state_dir), true);
+                server.share_scans(slot);
                 let ev = events.clone();
                 let mut out = |r: Response| {
                     let _ = ev.send(Incoming {

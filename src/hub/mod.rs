@@ -93,6 +93,9 @@ struct Run<'a> {
     /// Time part of this run's conflict-copy names.
     stamp: String,
     exec: Option<exec::Exec>,
+    /// The hub's own scan, shared with its in-process replica.
+    hub_slot: crate::server::SnapshotSlot,
+    hub_snapshot: Option<std::sync::Arc<crate::scan::Snapshot>>,
     /// Paths whose conflicting versions are merged, and how.
     mergeable: Option<globset::GlobSet>,
     merge_rules: Vec<(globset::GlobMatcher, crate::merge::MergeRule)>,
@@ -110,6 +113,7 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
     let excludes = Excludes::new(&s.excludes)?;
 
     let (tx, rx) = mpsc::channel();
+    let hub_slot: crate::server::SnapshotSlot = Default::default();
     let mut report = RunReport {
         dry_run: s.dry_run,
         ..Default::default()
@@ -120,6 +124,7 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
             "hub".into(),
             s.root.clone(),
             hub_state.clone(),
+            hub_slot.clone(),
             tx.clone(),
         ),
         url: s.root.display().to_string(),
@@ -145,6 +150,7 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
             "peer-{}.state",
             &blake3::hash(p.key.as_bytes()).to_hex()[..16]
         ));
+        crate::trace!("loading the agreed state with {}", p.label);
         let agreed = match Agreed::load(&pair_path) {
             Ok(mut a) => {
                 a.retain(|p| !excludes.excludes(p));
@@ -206,6 +212,7 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         });
     }
     drop(tx);
+    crate::trace!("agreed states loaded, peers started");
 
     let mut run = Run {
         s,
@@ -215,6 +222,8 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         hub_id,
         stamp: conflict_time(Mtime::now()),
         exec: None,
+        hub_slot,
+        hub_snapshot: None,
         mergeable: None,
         merge_rules: Vec::new(),
     };
@@ -224,6 +233,7 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
     if !s.dry_run {
         run.record_status(started_at);
     }
+    crate::trace!("status recorded");
     let labels = run.labels();
     let plan = result?;
     Ok(Outcome {
@@ -256,10 +266,13 @@ impl Run<'_> {
     }
 
     fn go(&mut self) -> Result<Option<Plan>, RunError> {
+        crate::trace!("opening and scanning");
         self.open_and_scan()?;
+        crate::trace!("scanned");
         self.check_empty_roots();
         self.check_clocks();
         let plan = self.plan();
+        crate::trace!("planned {} items", plan.items.len());
         self.report_conflicts(&plan);
         if self.s.dry_run {
             self.count_planned(&plan);
@@ -352,6 +365,17 @@ impl Run<'_> {
     fn on_event(&mut self, inc: Incoming) {
         let r = inc.replica;
         let rep = &mut self.reps[r];
+        if crate::util::tracing() {
+            let what = match &inc.event {
+                Event::Response(Response::Data { bytes, .. }) => format!("data {}", bytes.len()),
+                Event::Response(Response::Done { id, result }) => format!("done {id} {result:?}"),
+                Event::Response(Response::Entries(e)) => format!("{} entries", e.len()),
+                Event::Response(_) => "response".into(),
+                Event::Closed(w) => format!("closed {w:?}"),
+                Event::Drained(n) => format!("drained {n} (queued {})", rep.queued),
+            };
+            crate::trace!("replica {r}: {what}");
+        }
         rep.conn.last_heard = Instant::now();
         match inc.event {
             Event::Response(Response::Opened(o)) => {
@@ -368,6 +392,14 @@ impl Run<'_> {
                 }
             }
             Event::Response(Response::ScanDone(summary)) => {
+                if r == HUB {
+                    self.hub_snapshot = self
+                        .hub_slot
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take();
+                }
+                let rep = &mut self.reps[r];
                 rep.scanned = Some(summary);
                 rep.report.scan = Some(summary);
                 if !rep.entries.is_sorted_by(|a, b| a.path < b.path) {
@@ -488,6 +520,7 @@ impl Run<'_> {
             let plan = {
                 let input = reconcile::Input {
                     mergeable: self.mergeable.as_ref(),
+                    hub_snapshot: self.hub_snapshot.as_deref(),
                     hub: &self.reps[HUB].entries,
                     peers: self.reps[1..]
                         .iter()
@@ -528,7 +561,7 @@ impl Run<'_> {
                         .iter()
                         .any(|&(r, a)| r == victim && a == Action::Remove)
                         && i.result.is_none()
-                        && !self.reps[victim].entries_is_dir(&i.path)
+                        && !self.is_dir_on(victim, &i.path)
                 })
                 .collect();
             if removes.len() <= HANDFUL || removes.len() * 2 <= files {
@@ -644,6 +677,9 @@ impl Run<'_> {
 
     /// Closes every connection and fills in the report.
     fn finish(&mut self, started: Instant) {
+        crate::trace!("closing");
+        // Hand the hub's scan back before its replica saves its cache.
+        self.hub_snapshot = None;
         for rep in &mut self.reps {
             rep.conn.close();
         }
@@ -659,6 +695,7 @@ impl Run<'_> {
                 });
             }
         }
+        crate::trace!("closed");
         // Drain what the closing replicas still say (warnings about their caches).
         while let Ok(inc) = self.rx.recv_timeout(Duration::from_millis(20)) {
             if let Event::Response(Response::Warning(w)) = inc.event {
@@ -710,6 +747,20 @@ impl Run<'_> {
         self.report.exit_code = code;
         self.report.seconds = started.elapsed().as_secs_f64();
         self.report.replicas = self.reps.iter().map(|r| r.report.clone()).collect();
+    }
+}
+
+impl Run<'_> {
+    /// Whether replica `r` holds a directory at `path` (as scanned, or agreed).
+    fn is_dir_on(&self, r: usize, path: &crate::relpath::RelPath) -> bool {
+        if r == HUB {
+            return self
+                .hub_snapshot
+                .as_ref()
+                .and_then(|s| s.get(path))
+                .is_some_and(|e| e.version.is_dir());
+        }
+        self.reps[r].entries_is_dir(path)
     }
 }
 

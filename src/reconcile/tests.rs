@@ -190,6 +190,7 @@ fn check_with(
             })
             .collect(),
         mergeable,
+        hub_snapshot: None,
     };
     let got = render(&reconcile(&input));
     assert_eq!(got, expect, "\ngot:\n  {}\n", got.join("\n  "));
@@ -423,6 +424,7 @@ fn plan_of(agreed: &[Option<Tree>], hub: Tree, peers: &[Tree]) -> Plan {
             })
             .collect(),
         mergeable: None,
+        hub_snapshot: None,
     })
 }
 
@@ -593,6 +595,7 @@ fn peers_not_taking_part_are_left_alone() {
             },
         ],
         mergeable: None,
+        hub_snapshot: None,
     });
     assert_eq!(render(&plan), ["b = f:b@2 changed(0) <0 1:create"]);
     assert_eq!(plan.items[0].agree, vec![1]);
@@ -620,6 +623,7 @@ fn delta_views_read_through_to_the_agreed_state() {
             clock_ok: true,
         }],
         mergeable: None,
+        hub_snapshot: None,
     });
     assert_eq!(
         render(&plan),
@@ -637,6 +641,7 @@ fn delta_views_read_through_to_the_agreed_state() {
             clock_ok: true,
         }],
         mergeable: None,
+        hub_snapshot: None,
     });
     assert!(plan.items.is_empty());
 }
@@ -664,6 +669,7 @@ fn paths_being_written_or_unreadable_are_left_alone() {
             clock_ok: true,
         }],
         mergeable: None,
+        hub_snapshot: None,
     });
     assert_eq!(render(&plan), ["d skip", "d/a skip", "e skip"]);
     assert!(
@@ -690,6 +696,7 @@ fn conflicts_with_a_skewed_clock_are_left_alone_but_other_changes_flow() {
             clock_ok: false,
         }],
         mergeable: None,
+        hub_snapshot: None,
     });
     assert_eq!(
         render(&plan),
@@ -824,6 +831,7 @@ fn plan_for(trees: &[Fs], agreed: &[Option<Fs>]) -> Plan {
             })
             .collect(),
         mergeable: None,
+        hub_snapshot: None,
     })
 }
 
@@ -954,6 +962,7 @@ proptest! {
                         clock_ok: true,
                     }).collect(),
         mergeable: None,
+        hub_snapshot: None,
     })
             } else {
                 plan_for(&trees, &agreed)
