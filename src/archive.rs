@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 use bincode::{Decode, Encode};
 
 use crate::relpath::RelPath;
-use crate::version::{Hash, Version};
+use crate::version::Version;
 
 const MAGIC: &[u8; 14] = b"hubsync-state\n";
 /// Bumped whenever the encoding of any state file changes.
 pub const FORMAT_VERSION: u32 = 1;
 const KIND_SCAN_CACHE: u8 = 1;
-const KIND_PAIR: u8 = 2;
+const KIND_PAIR: u8 = 3;
 /// No single header or entry is larger than this; a corrupt length prefix cannot make
 /// us allocate more.
 const MAX_ITEM: usize = 16 << 20;
@@ -109,137 +109,76 @@ impl std::fmt::Debug for ReplicaId {
     }
 }
 
-/// Identifies one agreed state: both copies of a pair's state carry the same token
-/// exactly when they hold the same entries.
+/// Identifies one agreed state of a pair: a random number drawn at each commit, kept
+/// by both sides. Equal tokens mean both sides applied the same commits.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Encode, Decode)]
-pub struct Token {
-    pub generation: u64,
-    pub digest: Hash,
+pub struct Token(pub u64);
+
+impl Token {
+    pub fn new() -> Token {
+        Token(crate::util::random_u64())
+    }
 }
 
-/// The last state both sides of a pair (hub, peer) agreed on: what both held after
-/// the last run that applied to the pair. Sorted by path.
-#[derive(Clone, Debug)]
-pub struct Agreed {
-    pub peer_replica: ReplicaId,
+impl Default for Token {
+    fn default() -> Token {
+        Token::new()
+    }
+}
+
+/// The last state both sides of a pair agreed on, stored as its difference from
+/// this replica's scan cache: in the steady state, what a pair agreed on is what
+/// the tree holds, so the record is nearly empty and costs nothing to load or save.
+///
+/// The agreed version of a path is `diff[path]` if listed (`None`: agreed absent),
+/// else the version in the scan cache whose generation is `base`. A record whose
+/// `base` is not the generation of the cache on disk (a crash between saving the
+/// two, a lost cache) cannot be read back, and counts as no agreed state at all.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PairRecord {
+    pub peer_replica: Option<ReplicaId>,
     pub token: Token,
-    entries: Vec<(RelPath, Version)>,
+    pub base: u64,
+    /// Files in the agreed state (for the unmounted-disk check).
+    pub files: u64,
+    pub diff: Vec<(RelPath, Option<Version>)>,
 }
 
 #[derive(Encode, Decode)]
 struct PairHeader {
-    peer_replica: ReplicaId,
+    peer_replica: Option<ReplicaId>,
     label: String,
     token: Token,
+    base: u64,
+    files: u64,
 }
 
-impl Agreed {
-    /// An empty agreed state (a first sync): nothing agreed yet.
-    pub fn new(peer_replica: ReplicaId, entries: Vec<(RelPath, Version)>) -> Agreed {
-        let mut a = Agreed {
-            peer_replica,
-            token: Token {
-                generation: 0,
-                digest: Hash([0; 32]),
-            },
-            entries,
-        };
-        a.entries.sort_by(|x, y| x.0.cmp(&y.0));
-        a.entries.dedup_by(|x, y| x.0 == y.0);
-        a.token = Token {
-            generation: crate::util::random_u64(),
-            digest: a.digest(),
-        };
-        a
-    }
-
-    pub fn entries(&self) -> &[(RelPath, Version)] {
-        &self.entries
-    }
-
-    pub fn get(&self, path: &RelPath) -> Option<&Version> {
-        self.entries
+impl PairRecord {
+    /// The listed agreed version of `path`: `Some(None)` = agreed absent,
+    /// `None` = not listed (then the cache has it).
+    pub fn get(&self, path: &RelPath) -> Option<Option<&Version>> {
+        self.diff
             .binary_search_by(|e| e.0.cmp(path))
             .ok()
-            .map(|i| &self.entries[i].1)
+            .map(|i| self.diff[i].1.as_ref())
     }
 
-    /// Drops entries: used to forget paths that are excluded now. Both sides of a
-    /// pair do it alike, so their tokens still match exactly when their contents do.
-    pub fn retain(&mut self, keep: impl Fn(&RelPath) -> bool) {
-        let before = self.entries.len();
-        self.entries.retain(|e| keep(&e.0));
-        if self.entries.len() != before {
-            self.token.digest = self.digest();
-        }
-    }
-
-    pub fn files(&self) -> usize {
-        self.entries.iter().filter(|e| !e.1.is_dir()).count()
-    }
-
-    /// Applies `changes` (sorted by path; `None` removes) and gives the result a new
-    /// token.
-    pub fn apply(&mut self, changes: &[(RelPath, Option<Version>)]) {
-        if changes.is_empty() {
-            return;
-        }
-        let old = std::mem::take(&mut self.entries);
-        let mut out = Vec::with_capacity(old.len() + changes.len());
-        let mut ch = changes.iter().peekable();
-        for (p, v) in old {
-            while let Some((cp, cv)) = ch.next_if(|c| c.0 < p) {
-                if let Some(cv) = cv {
-                    out.push((cp.clone(), cv.clone()));
+    pub fn load(path: &Path) -> Result<PairRecord, StateError> {
+        let mut diff: Vec<(RelPath, Option<Version>)> = Vec::new();
+        let header: PairHeader =
+            read_container(path, KIND_PAIR, |e: (RelPath, Option<Version>)| {
+                if diff.last().is_some_and(|l| l.0 >= e.0) {
+                    return Err("entries out of order".to_string());
                 }
-            }
-            match ch.next_if(|c| c.0 == p) {
-                Some((_, Some(cv))) => out.push((p, cv.clone())),
-                Some((_, None)) => {}
-                None => out.push((p, v)),
-            }
-        }
-        for (cp, cv) in ch {
-            if let Some(cv) = cv {
-                out.push((cp.clone(), cv.clone()));
-            }
-        }
-        self.entries = out;
-        self.token = Token {
-            generation: crate::util::random_u64(),
-            digest: self.digest(),
-        };
-    }
-
-    /// A digest of the entries, in order; equal digests mean equal states.
-    pub fn digest(&self) -> Hash {
-        let mut h = blake3::Hasher::new();
-        let mut buf = Vec::with_capacity(256);
-        for e in &self.entries {
-            buf.clear();
-            let _ = bincode::encode_into_std_write(e, &mut buf, config());
-            h.update(&(buf.len() as u32).to_le_bytes());
-            h.update(&buf);
-        }
-        Hash(*h.finalize().as_bytes())
-    }
-
-    /// Reads a pair state written by [`Agreed::save`].
-    pub fn load(path: &Path) -> Result<Agreed, StateError> {
-        let mut entries = Vec::new();
-        let mut last: Option<RelPath> = None;
-        let header: PairHeader = read_container(path, KIND_PAIR, |e: (RelPath, Version)| {
-            if last.as_ref().is_some_and(|l| *l >= e.0) {
-                return Err("entries out of order".to_string());
-            }
-            last = Some(e.0.clone());
-            entries.push(e);
-            Ok(())
-        })?;
-        Ok(Agreed {
+                diff.push(e);
+                Ok(())
+            })?;
+        Ok(PairRecord {
             peer_replica: header.peer_replica,
             token: header.token,
-            entries,
+            base: header.base,
+            files: header.files,
+            diff,
         })
     }
 
@@ -248,8 +187,10 @@ impl Agreed {
             peer_replica: self.peer_replica,
             label: label.to_string(),
             token: self.token,
+            base: self.base,
+            files: self.files,
         };
-        write_container(path, KIND_PAIR, &header, self.entries.iter())
+        write_container(path, KIND_PAIR, &header, self.diff.iter())
     }
 }
 
@@ -267,23 +208,47 @@ pub struct CacheEntry {
 
 #[derive(Encode, Decode)]
 struct CacheHeader {
+    generation: u64,
     root: String,
 }
 
-pub fn load_scan_cache(path: &Path) -> Result<Vec<CacheEntry>, StateError> {
+/// A scan cache as loaded: its generation (which pair records refer to) and entries.
+pub type ScanCache = (u64, Vec<CacheEntry>);
+
+pub fn load_scan_cache(path: &Path) -> Result<ScanCache, StateError> {
     let mut entries: Vec<CacheEntry> = Vec::new();
-    read_container(path, KIND_SCAN_CACHE, |e: CacheEntry| {
+    let header: CacheHeader = read_container(path, KIND_SCAN_CACHE, |e: CacheEntry| {
         if entries.last().is_some_and(|l| l.path >= e.path) {
             return Err("entries out of order".to_string());
         }
         entries.push(e);
         Ok(())
-    })
-    .map(|_: CacheHeader| entries)
+    })?;
+    Ok((header.generation, entries))
 }
 
-pub fn save_scan_cache(path: &Path, root: &Path, entries: &[CacheEntry]) -> io::Result<()> {
+/// The generation of the scan cache at `path`, read from its header alone (the
+/// full load checks the whole file later): lets a session decide early whether
+/// its pair records are usable.
+pub fn scan_cache_generation(path: &Path) -> Option<u64> {
+    let mut head = [0u8; 64];
+    let n = std::io::Read::read(&mut std::fs::File::open(path).ok()?, &mut head).ok()?;
+    let head = &head[..n];
+    if head.len() < 19 || &head[..MAGIC.len()] != MAGIC || head[14] != KIND_SCAN_CACHE {
+        return None;
+    }
+    let (g, _): (u64, usize) = bincode::decode_from_slice(&head[19..], config()).ok()?;
+    Some(g)
+}
+
+pub fn save_scan_cache(
+    path: &Path,
+    root: &Path,
+    generation: u64,
+    entries: &[CacheEntry],
+) -> io::Result<()> {
     let header = CacheHeader {
+        generation,
         root: root.display().to_string(),
     };
     write_container(path, KIND_SCAN_CACHE, &header, entries.iter())
@@ -396,7 +361,7 @@ fn read_container<H: Decode<()>, E: Decode<()>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::version::{Kind, Mtime};
+    use crate::version::{Hash, Kind, Mtime};
 
     fn v(n: u8) -> Version {
         Version {
@@ -414,11 +379,18 @@ mod tests {
         RelPath::new(s).unwrap()
     }
 
-    fn sample() -> Agreed {
-        Agreed::new(
-            ReplicaId([1; 16]),
-            vec![(rp("b"), v(2)), (rp("a"), v(1)), (rp("c/d"), v(3))],
-        )
+    fn sample() -> PairRecord {
+        PairRecord {
+            peer_replica: Some(ReplicaId([1; 16])),
+            token: Token(42),
+            base: 7,
+            files: 3,
+            diff: vec![
+                (rp("a"), Some(v(1))),
+                (rp("b"), None),
+                (rp("c/d"), Some(v(3))),
+            ],
+        }
     }
 
     #[test]
@@ -427,10 +399,11 @@ mod tests {
         let p = dir.path().join("pair.state");
         let a = sample();
         a.save(&p, "peer").unwrap();
-        let b = Agreed::load(&p).unwrap();
-        assert_eq!(a.entries, b.entries);
-        assert_eq!(a.token, b.token);
-        assert_eq!(b.digest(), a.token.digest);
+        let b = PairRecord::load(&p).unwrap();
+        assert_eq!(a.diff, b.diff);
+        assert_eq!((a.token, a.base, a.files), (b.token, b.base, b.files));
+        assert_eq!(b.get(&rp("b")), Some(None));
+        assert_eq!(b.get(&rp("zz")), None);
     }
 
     #[test]
@@ -441,16 +414,19 @@ mod tests {
         let good = std::fs::read(&p).unwrap();
         for len in 0..good.len() {
             std::fs::write(&p, &good[..len]).unwrap();
-            assert!(Agreed::load(&p).is_err(), "truncated at {len} accepted");
+            assert!(PairRecord::load(&p).is_err(), "truncated at {len} accepted");
         }
         for i in 0..good.len() {
             let mut bad = good.clone();
             bad[i] ^= 0x40;
             std::fs::write(&p, &bad).unwrap();
-            assert!(Agreed::load(&p).is_err(), "flip at {i} accepted");
+            assert!(PairRecord::load(&p).is_err(), "flip at {i} accepted");
         }
         std::fs::write(&p, vec![0u8; good.len()]).unwrap();
-        assert!(matches!(Agreed::load(&p), Err(StateError::Corrupt { .. })));
+        assert!(matches!(
+            PairRecord::load(&p),
+            Err(StateError::Corrupt { .. })
+        ));
     }
 
     #[test]
@@ -461,7 +437,7 @@ mod tests {
         let mut bytes = std::fs::read(&p).unwrap();
         bytes[15..19].copy_from_slice(&99u32.to_le_bytes());
         std::fs::write(&p, &bytes).unwrap();
-        let err = Agreed::load(&p).unwrap_err();
+        let err = PairRecord::load(&p).unwrap_err();
         assert!(
             matches!(err, StateError::Foreign { found: 99, .. }),
             "{err}"
@@ -471,25 +447,18 @@ mod tests {
 
     #[test]
     fn missing_is_distinct() {
-        let err = Agreed::load(Path::new("/nonexistent/x")).unwrap_err();
+        let err = PairRecord::load(Path::new("/nonexistent/x")).unwrap_err();
         assert!(matches!(err, StateError::Missing { .. }));
     }
 
     #[test]
-    fn apply_merges_changes() {
-        let mut a = sample();
-        let before = a.token;
-        a.apply(&[
-            (rp("a"), None),
-            (rp("aa"), Some(v(9))),
-            (rp("c/d"), Some(v(4))),
-            (rp("z"), Some(v(5))),
-        ]);
-        let paths: Vec<_> = a.entries.iter().map(|e| e.0.to_string()).collect();
-        assert_eq!(paths, ["aa", "b", "c/d", "z"]);
-        assert_eq!(a.get(&rp("c/d")), Some(&v(4)));
-        assert_ne!(a.token, before);
-        assert_eq!(a.token.digest, a.digest());
+    fn the_cache_generation_is_read_from_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("scan-cache");
+        save_scan_cache(&p, dir.path(), 123_456_789, &[]).unwrap();
+        assert_eq!(scan_cache_generation(&p), Some(123_456_789));
+        assert_eq!(load_scan_cache(&p).unwrap().0, 123_456_789);
+        assert_eq!(scan_cache_generation(&dir.path().join("none")), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! → `plan` → `apply` on each replica → agreed state saved (`archive`) → unlock.
 //! See ARCHITECTURE.md.
 
+pub mod agreed;
 pub mod apply;
 pub mod archive;
 pub mod cli;

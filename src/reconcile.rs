@@ -20,6 +20,8 @@
 
 use smallvec::SmallVec;
 
+use crate::agreed::{OldCache, lookup, sorted_union};
+use crate::archive::CacheEntry;
 use crate::plan::{Action, HUB, Item, Plan, Reason, Rule};
 use crate::relpath::RelPath;
 use crate::version::{Entry, Kind, State, Version};
@@ -38,20 +40,30 @@ pub enum View<'a> {
 pub struct PeerInput<'a> {
     /// `None`: the peer does not take part in this run (unreachable or refused).
     pub view: Option<View<'a>>,
-    /// `None`: no agreed state for this pair (first sync, lost or corrupt state).
-    pub agreed: Option<&'a [(RelPath, Version)]>,
+    /// The pair's agreed state, as where it differs from the hub's cache before this
+    /// run's scan (see `agreed.rs`); `None`: no agreed state (first sync, lost or
+    /// corrupt state).
+    pub agreed: Option<&'a [(RelPath, Option<Version>)]>,
     /// The peer's clock agrees with the hub's well enough to compare mtimes: if not,
     /// conflicts that newest-mtime would decide are left alone for it.
     pub clock_ok: bool,
 }
 
+/// The hub's side: its new scan and how it differs from the cache it replaces.
+#[derive(Clone, Copy, Debug)]
+pub struct Hub<'a> {
+    /// Present paths, sorted.
+    pub current: &'a [CacheEntry],
+    /// Paths left alone this run (being written, unreadable), sorted.
+    pub skipped: &'a [(RelPath, String)],
+    /// Paths where `current` differs from the previous cache, with what it held.
+    pub changes: &'a [(RelPath, Option<Version>)],
+}
+
 /// Everything reconciliation looks at.
 #[derive(Clone, Debug)]
 pub struct Input<'a> {
-    /// The hub's full scan, as entries...
-    pub hub: &'a [Entry],
-    /// ...or, in a run, as the hub's own scan (shared, not copied).
-    pub hub_snapshot: Option<&'a crate::scan::Snapshot>,
+    pub hub: Hub<'a>,
     pub peers: Vec<PeerInput<'a>>,
     /// Files whose conflicting versions are merged (their lines united) instead of
     /// one winning: append-only logs.
@@ -99,32 +111,10 @@ struct Row<'a> {
     agreed: SmallVec<[Option<Option<&'a Version>>; 4]>,
 }
 
-/// A k-way merge of sorted entry lists by path.
-struct Cursor<'a, T> {
-    items: &'a [T],
-    pos: usize,
-}
-
-impl<'a, T> Cursor<'a, T> {
-    fn peek(&self, key: impl Fn(&'a T) -> &'a RelPath) -> Option<&'a RelPath> {
-        self.items.get(self.pos).map(key)
-    }
-    fn take_if(&mut self, path: &RelPath, key: impl Fn(&'a T) -> &'a RelPath) -> Option<&'a T> {
-        let item = self.items.get(self.pos)?;
-        if key(item) == path {
-            self.pos += 1;
-            Some(item)
-        } else {
-            None
-        }
-    }
-}
-
-fn entry_path(e: &Entry) -> &RelPath {
-    &e.path
-}
-fn agreed_path(e: &(RelPath, Version)) -> &RelPath {
-    &e.0
+fn find<'a, T>(list: &'a [T], path: &RelPath, key: impl Fn(&T) -> &RelPath) -> Option<&'a T> {
+    list.binary_search_by(|e| key(e).cmp(path))
+        .ok()
+        .map(|i| &list[i])
 }
 
 /// A path waiting on the ancestor stack until everything below it has been seen.
@@ -149,41 +139,69 @@ struct Decision<'a> {
     skip: Option<String>,
 }
 
+/// What `settle` needs to know beyond the stack.
+struct Ctx<'a> {
+    current: &'a [CacheEntry],
+    /// Every path looked at, sorted; when `dense` is false, paths not in it are
+    /// the same on every replica and in every agreed state.
+    paths: &'a [&'a RelPath],
+    dense: bool,
+}
+
+impl Ctx<'_> {
+    /// Whether the hub (hence every replica) holds something below `path` that
+    /// this run does not look at (sparse runs only).
+    fn present_outside(&self, path: &RelPath) -> bool {
+        if self.dense {
+            return false;
+        }
+        let start = self.current.partition_point(|e| e.path <= *path);
+        self.current[start..]
+            .iter()
+            .take_while(|e| path.is_ancestor_of(&e.path))
+            .any(|e| self.paths.binary_search(&&e.path).is_err())
+    }
+}
+
 /// Computes the plan. The result is deterministic for a given input.
+///
+/// Only paths that changed somewhere (or lack an agreed state) are looked at: the
+/// hub's changes against its cache, each pair's differences from it, each peer's
+/// delta, and, when some peer sent its whole tree or has no agreed state, every
+/// path. A path outside that set holds the same version on every replica and in
+/// every agreed state, so there is nothing to decide.
 pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
     let n = input.peers.len() + 1;
-    let mut hub = Cursor {
-        items: input.hub,
-        pos: 0,
+    let hub = input.hub;
+    let old = OldCache {
+        current: hub.current,
+        changes: hub.changes,
     };
-    let (snap_entries, snap_skipped): (&[crate::archive::CacheEntry], &[(RelPath, String)]) =
-        match input.hub_snapshot {
-            Some(s) => (&s.entries, &s.skipped),
-            None => (&[], &[]),
-        };
-    let mut hub_present = Cursor {
-        items: snap_entries,
-        pos: 0,
-    };
-    let mut hub_skipped = Cursor {
-        items: snap_skipped,
-        pos: 0,
-    };
-    let mut views: Vec<Option<(Cursor<'a, Entry>, bool)>> = input
+    let dense = input
         .peers
         .iter()
-        .map(|p| {
-            p.view.map(|v| match v {
-                View::Full(e) => (Cursor { items: e, pos: 0 }, false),
-                View::Delta(e) => (Cursor { items: e, pos: 0 }, true),
-            })
-        })
-        .collect();
-    let mut agreed: Vec<Option<Cursor<'a, (RelPath, Version)>>> = input
-        .peers
-        .iter()
-        .map(|p| p.agreed.map(|a| Cursor { items: a, pos: 0 }))
-        .collect();
+        .any(|p| p.view.is_some() && (p.agreed.is_none() || matches!(p.view, Some(View::Full(_)))));
+    let mut lists: Vec<Box<dyn Iterator<Item = &'a RelPath> + 'a>> = vec![
+        Box::new(hub.changes.iter().map(|e| &e.0)),
+        Box::new(hub.skipped.iter().map(|e| &e.0)),
+    ];
+    for p in &input.peers {
+        if let Some(a) = p.agreed {
+            lists.push(Box::new(a.iter().map(|e| &e.0)));
+        }
+        if let Some(View::Full(v) | View::Delta(v)) = p.view {
+            lists.push(Box::new(v.iter().map(|e| &e.path)));
+        }
+    }
+    if dense {
+        lists.push(Box::new(hub.current.iter().map(|e| &e.path)));
+    }
+    let paths = sorted_union(lists);
+    let ctx = Ctx {
+        current: hub.current,
+        paths: &paths,
+        dense,
+    };
 
     let mut plan = Plan::default();
     let mut stack: Vec<Open<'a>> = Vec::new();
@@ -191,59 +209,36 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
         .chain(input.peers.iter().map(|p| p.clock_ok))
         .collect();
 
-    loop {
-        // The smallest path at the head of any list.
-        let mut next: Option<&'a RelPath> = hub.peek(entry_path);
-        let mut consider = |p: Option<&'a RelPath>| {
-            if let Some(p) = p
-                && next.is_none_or(|n| p < n)
-            {
-                next = Some(p);
-            }
-        };
-        consider(hub_present.peek(|e| &e.path));
-        consider(hub_skipped.peek(|e| &e.0));
-        for v in views.iter().flatten() {
-            consider(v.0.peek(entry_path));
-        }
-        for a in agreed.iter().flatten() {
-            consider(a.peek(agreed_path));
-        }
-        let Some(path) = next else { break };
-
+    for &path in &paths {
         let mut row = Row {
             path,
             states: SmallVec::with_capacity(n),
             agreed: SmallVec::with_capacity(n),
         };
-        let hub_state = match (
-            hub.take_if(path, entry_path),
-            hub_present.take_if(path, |e| &e.path),
-            hub_skipped.take_if(path, |e| &e.0),
-        ) {
-            (_, _, Some((_, why))) => St::Skip(why),
-            (_, Some(e), _) => St::Present(&e.version),
-            (Some(e), _, _) => St::of(&e.state),
-            (None, None, None) => St::Absent,
+        let hub_state = match find(hub.skipped, path, |e| &e.0) {
+            Some((_, why)) => St::Skip(why),
+            None => {
+                find(hub.current, path, |e| &e.path).map_or(St::Absent, |e| St::Present(&e.version))
+            }
         };
         row.states.push(Some(hub_state));
         row.agreed.push(None);
-        for (view, agr) in views.iter_mut().zip(agreed.iter_mut()) {
-            let a = agr
-                .as_mut()
-                .map(|c| c.take_if(path, agreed_path).map(|e| &e.1));
+        for peer in &input.peers {
+            let a = peer.agreed.map(|diff| lookup(diff, &old, path));
             row.agreed.push(a);
-            row.states.push(view.as_mut().map(|(c, delta)| {
-                match (c.take_if(path, entry_path), *delta) {
-                    (Some(e), _) => St::of(&e.state),
-                    (None, true) => a.flatten().map_or(St::Absent, St::Present),
-                    (None, false) => St::Absent,
+            row.states.push(peer.view.map(|v| match v {
+                View::Full(list) => {
+                    find(list, path, |e| &e.path).map_or(St::Absent, |e| St::of(&e.state))
                 }
+                View::Delta(list) => match find(list, path, |e| &e.path) {
+                    Some(e) => St::of(&e.state),
+                    None => a.flatten().map_or(St::Absent, St::Present),
+                },
             }));
         }
 
         while stack.last().is_some_and(|o| !o.path.is_ancestor_of(path)) {
-            settle(&mut stack, &mut plan);
+            settle(&mut stack, &mut plan, &ctx);
         }
         let present = row.states[HUB].and_then(St::version).is_some();
         let decision = if stack.last().is_some_and(|o| o.skipping) {
@@ -269,7 +264,7 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
         });
     }
     while !stack.is_empty() {
-        settle(&mut stack, &mut plan);
+        settle(&mut stack, &mut plan, &ctx);
     }
     // Settling emits children before parents; present the plan in path order.
     plan.items.sort_by(|a, b| a.path.cmp(&b.path));
@@ -279,8 +274,16 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
 
 /// Pops the top of the stack: applies what its descendants require, turns it into
 /// an item, and passes what its parent needs to know up the stack.
-fn settle(stack: &mut Vec<Open<'_>>, plan: &mut Plan) {
-    let Some(open) = stack.pop() else { return };
+fn settle(stack: &mut Vec<Open<'_>>, plan: &mut Plan, ctx: &Ctx<'_>) {
+    let Some(mut open) = stack.pop() else { return };
+    if open
+        .decision
+        .as_ref()
+        .is_some_and(|d| !d.result.as_ref().is_some_and(Version::is_dir))
+        && !open.present_below
+    {
+        open.present_below = ctx.present_outside(open.path);
+    }
     let (present, skipped) = match open.decision {
         None => (open.present, false),
         Some(mut d) => {

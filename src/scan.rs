@@ -71,6 +71,12 @@ pub struct Snapshot {
     pub stats: ScanStats,
     /// The entries differ from the cache they were built from (so it needs saving).
     pub cache_changed: bool,
+    /// Paths whose version differs from the cache's, with the cache's version
+    /// (`None`: not in the cache), sorted. Agreed states are kept relative to the
+    /// cache, so this is how a run knows them without reading them whole.
+    pub changes: Vec<(RelPath, Option<Version>)>,
+    /// The generation of the cache this scan was compared with (`None`: none).
+    pub generation: Option<u64>,
 }
 
 impl Snapshot {
@@ -156,6 +162,10 @@ pub fn scan(
     let mut todo: Vec<usize> = Vec::new();
     let cache_len = cache.len();
     let mut reused_exact = 0usize;
+    // Cache entries not carried over unchanged, and paths new to the cache: where
+    // `changes` can come from.
+    let mut olds: Vec<(RelPath, Version)> = Vec::new();
+    let mut news: Vec<RelPath> = Vec::new();
     let mut cache = cache.into_iter().peekable();
 
     // The walk: one open directory per level, children listed with getdents,
@@ -212,11 +222,16 @@ pub fn scan(
             continue;
         }
         // Catch up with the cache without allocating: it is in the same order.
-        while cache
-            .next_if(|c| cmp_bytes(c.path.as_bytes(), &buf).is_lt())
-            .is_some()
-        {}
+        while let Some(gone) = cache.next_if(|c| cmp_bytes(c.path.as_bytes(), &buf).is_lt()) {
+            olds.push((gone.path, gone.version));
+        }
         let cached = cache.next_if(|c| c.path.as_bytes() == buf.as_slice());
+        // A cache entry that does not come through unchanged goes to `olds`.
+        let forget = |c: Option<CacheEntry>, olds: &mut Vec<(RelPath, Version)>| {
+            if let Some(c) = c {
+                olds.push((c.path, c.version));
+            }
+        };
         let rel = match &cached {
             Some(c) => c.path.clone(),
             None => match RelPath::new(buf.clone()) {
@@ -225,13 +240,18 @@ pub fn scan(
             },
         };
         if excludes.matches(&rel) {
+            forget(cached, &mut olds);
             continue;
         }
         let st = match rustix::fs::statat(dir_fd, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             // Vanished between listing and stat: it is simply absent.
-            Err(rustix::io::Errno::NOENT) => continue,
+            Err(rustix::io::Errno::NOENT) => {
+                forget(cached, &mut olds);
+                continue;
+            }
             Err(e) => {
+                forget(cached, &mut olds);
                 snap.skipped
                     .push((rel, format!("cannot stat: {}", io::Error::from(e))));
                 continue;
@@ -271,6 +291,11 @@ pub fn scan(
                             trusted,
                         };
                         reused_exact += usize::from(cached.as_ref() == Some(&e));
+                        match cached {
+                            Some(c) if c.version.same(&e.version) => {}
+                            Some(c) => olds.push((c.path, c.version)),
+                            None => news.push(e.path.clone()),
+                        }
                         snap.entries.push(e);
                         let len = buf.len();
                         stack.push(Frame {
@@ -280,9 +305,12 @@ pub fn scan(
                             next: 0,
                         });
                     }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => forget(cached, &mut olds),
                     // We could not list it: its contents are unknown, not absent.
-                    Err(e) => snap.skipped.push((rel, format!("cannot read: {e}"))),
+                    Err(e) => {
+                        forget(cached, &mut olds);
+                        snap.skipped.push((rel, format!("cannot read: {e}")));
+                    }
                 }
                 continue;
             }
@@ -292,8 +320,12 @@ pub fn scan(
                     Ok(t) => Kind::Symlink {
                         target: t.into_bytes(),
                     },
-                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(rustix::io::Errno::NOENT) => {
+                        forget(cached, &mut olds);
+                        continue;
+                    }
                     Err(e) => {
+                        forget(cached, &mut olds);
                         snap.skipped
                             .push((rel, format!("cannot read link: {}", io::Error::from(e))));
                         continue;
@@ -308,15 +340,18 @@ pub fn scan(
                     size: len,
                     hash: Hash([0; 32]),
                 });
-                let reuse = cached.filter(|c| {
+                let reusable = cached.as_ref().is_some_and(|c| {
                     c.trusted
                         && c.stat == stat
                         && c.version.is_file()
                         && c.version.size() == len
                         && c.version.mtime == v.mtime
                 });
-                match reuse {
-                    Some(c) => {
+                match cached {
+                    Some(c) if reusable => {
+                        if c.version.mode != v.mode {
+                            olds.push((c.path.clone(), c.version.clone()));
+                        }
                         // Size, mtime and stat key matched, and the hash was trusted
                         // when taken: it stays trusted.
                         let exact = c.version.mode == v.mode
@@ -333,7 +368,12 @@ pub fn scan(
                             trusted: true,
                         });
                     }
-                    None => {
+                    other => {
+                        // Hashed below; compared with what the cache had afterwards.
+                        match other {
+                            Some(c) => olds.push((c.path, c.version)),
+                            None => news.push(rel.clone()),
+                        }
                         todo.push(snap.entries.len());
                         snap.entries.push(CacheEntry {
                             path: rel,
@@ -346,6 +386,7 @@ pub fn scan(
                 continue;
             }
             _ => {
+                forget(cached, &mut olds);
                 snap.skipped
                     .push((rel, "not a regular file, directory or symlink".into()));
                 continue;
@@ -358,9 +399,17 @@ pub fn scan(
             trusted,
         };
         reused_exact += usize::from(cached.as_ref() == Some(&e));
+        match cached {
+            Some(c) if c.version.same(&e.version) => {}
+            Some(c) => olds.push((c.path, c.version)),
+            None => news.push(e.path.clone()),
+        }
         snap.entries.push(e);
     }
-    drop(cache);
+    // Whatever is left in the cache is gone from the tree.
+    for c in cache {
+        olds.push((c.path, c.version));
+    }
 
     let hashed: Vec<(usize, HashOutcome)> = todo
         .par_iter()
@@ -407,6 +456,18 @@ pub fn scan(
     }
     snap.skipped.sort_by(|a, b| a.0.cmp(&b.0));
     snap.cache_changed = reused_exact != snap.entries.len() || cache_len != snap.entries.len();
+    for (p, old) in olds {
+        if !snap.get(&p).is_some_and(|e| e.version.same(&old)) {
+            snap.changes.push((p, Some(old)));
+        }
+    }
+    for p in news {
+        if snap.get(&p).is_some() {
+            snap.changes.push((p, None));
+        }
+    }
+    snap.changes.sort_by(|a, b| a.0.cmp(&b.0));
+    snap.changes.dedup_by(|a, b| a.0 == b.0);
     snap.stats.took = started.elapsed();
     Ok(snap)
 }

@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use crate::agreed::{self, OldCache, sorted_union};
 use crate::apply::{Incoming, Ready, Root, conflict_time};
-use crate::archive::{self, Agreed, CacheEntry, ReplicaId, StateError};
+use crate::archive::{self, CacheEntry, PairRecord, ReplicaId, StateError, Token};
 use crate::exclude::Excludes;
 use crate::lock::{Lock, LockError};
 use crate::proto::{
@@ -54,9 +55,15 @@ struct Session {
     excludes: Excludes,
     dry_run: bool,
     hub: ReplicaId,
-    pair: Option<Agreed>,
-    /// Our pair state could be used as the base of a delta this session.
+    /// Our record of what we agreed with this hub (if it is readable and matches
+    /// the scan cache it was written against).
+    record: Option<PairRecord>,
+    /// The hub holds the same agreed state: the scan can be answered with a delta.
     pair_shared: bool,
+    /// The generation of the scan cache as loaded (`None`: there was none).
+    cache_gen: Option<u64>,
+    /// This replica's other pair records (other hubs): rebased when the cache moves.
+    others: Vec<(PathBuf, PairRecord)>,
     snapshot: Option<Arc<Snapshot>>,
     /// The hub's own replica hands its scan to the hub through this slot instead of
     /// sending (copying) every entry.
@@ -69,6 +76,8 @@ struct Session {
     reading: Option<(RelPath, File)>,
     commit: Vec<(RelPath, Option<Version>)>,
     commit_reset: bool,
+    /// Set once the hub's commit is complete: the new agreed state's token.
+    committed: Option<Token>,
     progress: Arc<scan::Progress>,
     /// Conflict copies older than this go when the session ends.
     retention: Option<std::time::Duration>,
@@ -167,21 +176,44 @@ impl Server {
             conflict_time(Mtime::now()),
             o.label
         );
-        let (pair, status) = if self.in_hub {
+        // A record is only usable with the cache it was written against.
+        let cache_gen = archive::scan_cache_generation(&self.state_dir.join("scan-cache"));
+        let own = self.pair_path(&o.hub);
+        let (record, status) = if self.in_hub {
             (None, PairStatus::None)
         } else {
-            match Agreed::load(&self.pair_path(&o.hub)) {
-                Ok(mut a) => {
-                    // Paths excluded since are no longer part of the agreement.
-                    a.retain(|p| !excludes.excludes(p));
-                    let token = a.token;
-                    (Some(a), PairStatus::Present(token))
+            match PairRecord::load(&own) {
+                Ok(r) if Some(r.base) == cache_gen => {
+                    let token = r.token;
+                    (Some(r), PairStatus::Present(token))
                 }
+                Ok(_) => (
+                    None,
+                    PairStatus::Unreadable(format!(
+                        "{} does not match this replica's scan cache (a crash between saving them, or a lost cache)",
+                        own.display()
+                    )),
+                ),
                 Err(StateError::Missing { .. }) => (None, PairStatus::None),
                 Err(e) => (None, PairStatus::Unreadable(e.to_string())),
             }
         };
-        crate::trace!("serve: pair state loaded");
+        let mut others = Vec::new();
+        if !self.in_hub
+            && let Ok(dir) = std::fs::read_dir(self.state_dir.join("pairs"))
+        {
+            for e in dir.flatten() {
+                let p = e.path();
+                if p != own
+                    && p.extension().is_some_and(|x| x == "state")
+                    && let Ok(r) = PairRecord::load(&p)
+                    && Some(r.base) == cache_gen
+                {
+                    others.push((p, r));
+                }
+            }
+        }
+        crate::trace!("serve: pair records loaded");
         let pair_shared = o.pair_replica == Some(replica)
             && matches!((&status, o.pair), (PairStatus::Present(t), Some(h)) if *t == h);
         self.session = Some(Session {
@@ -189,8 +221,10 @@ impl Server {
             excludes,
             dry_run: o.dry_run,
             hub: o.hub,
-            pair,
+            record,
             pair_shared,
+            cache_gen,
+            others,
             snapshot: None,
             share: self.share.clone(),
             applied: BTreeMap::new(),
@@ -200,6 +234,7 @@ impl Server {
             reading: None,
             commit: Vec::new(),
             commit_reset: false,
+            committed: None,
             progress: self.progress.clone(),
             retention: None,
         });
@@ -235,7 +270,9 @@ impl Server {
             .join(format!("hub-{}.state", hub.hex()))
     }
 
-    /// Ends the session: drops unfinished files, saves the scan cache.
+    /// Ends the session: drops unfinished files, saves the scan cache and the pair
+    /// records (rewritten against it, the cache first: a record naming a cache
+    /// generation that is not on disk is never read back).
     pub fn finish(&mut self, out: &mut dyn FnMut(Response)) {
         let Some(mut s) = self.session.take() else {
             return;
@@ -247,20 +284,66 @@ impl Server {
         for (_, (inc, _, _)) in s.incoming.drain() {
             s.root.abort_put(inc);
         }
-        if let Some(snap) = s.snapshot.take()
-            && (snap.cache_changed || !s.applied.is_empty())
-        {
-            if let Some(slot) = &s.share {
-                // The hub is done with it by now; take it back without a copy.
-                slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-            }
-            let snap = Arc::try_unwrap(snap).unwrap_or_else(|shared| (*shared).clone());
+        let Some(snap) = s.snapshot.take() else {
+            return;
+        };
+        if s.dry_run {
+            return; // nothing was applied; caches may be refreshed next time
+        }
+        if let Some(slot) = &s.share {
+            // The hub is done with it by now; take it back without a copy.
+            slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        let snap = Arc::try_unwrap(snap).unwrap_or_else(|shared| (*shared).clone());
+        let own = self.pair_path(&s.hub);
+        let commit = std::mem::take(&mut s.commit);
+        let records = {
+            let applied = &s.applied;
+            let snap = &snap;
+            let cache_after = |p: &RelPath| -> Option<&Version> {
+                match applied.get(p) {
+                    Some(e) => e.as_ref().map(|e| &e.version),
+                    None => snap.get(p).map(|e| &e.version),
+                }
+            };
+            s.rebase_records(commit, snap, &cache_after, &own)
+        };
+        let changed = snap.cache_changed || !s.applied.is_empty() || s.cache_gen.is_none();
+        let generation = if changed {
+            crate::util::random_u64()
+        } else {
+            s.cache_gen.unwrap_or(0)
+        };
+        if changed {
             let entries = merge_applied(snap.entries, std::mem::take(&mut s.applied));
-            if let Err(e) =
-                archive::save_scan_cache(&self.state_dir.join("scan-cache"), &self.root, &entries)
-            {
+            if let Err(e) = archive::save_scan_cache(
+                &self.state_dir.join("scan-cache"),
+                &self.root,
+                generation,
+                &entries,
+            ) {
                 out(Response::Warning(format!(
                     "cannot save the scan cache: {e}"
+                )));
+                return;
+            }
+        }
+        out(Response::CacheSaved { generation });
+        let loaded: Vec<PairRecord> = s
+            .record
+            .iter()
+            .chain(s.others.iter().map(|o| &o.1))
+            .cloned()
+            .collect();
+        for (path, mut rec) in records {
+            rec.base = generation;
+            if loaded.contains(&rec) {
+                continue; // nothing moved: no need to write it again
+            }
+            if let Err(e) = rec.save(&path, "hub") {
+                out(Response::Warning(format!(
+                    "cannot save the agreed state {}: {e}",
+                    path.display()
                 )));
             }
         }
@@ -271,7 +354,7 @@ impl Session {
     fn handle(&mut self, req: Request, state_dir: &Path, out: &mut dyn FnMut(Response)) {
         match req {
             Request::Open(_) | Request::Close => unreachable!("handled by Server"),
-            Request::Scan => self.scan(&state_dir.join("scan-cache"), out),
+            Request::Scan { full } => self.scan(&state_dir.join("scan-cache"), full, out),
             Request::Read {
                 id,
                 path,
@@ -353,10 +436,9 @@ impl Session {
                 }
                 self.commit.extend(changes);
                 if let Some(token) = token {
-                    let warning = self.commit(state_dir, token);
-                    if let Some(w) = warning {
-                        out(Response::Warning(w));
-                    }
+                    // Kept in memory and written with the scan cache when the
+                    // session ends: the record is relative to the cache saved then.
+                    self.committed = Some(token);
                     out(Response::Committed);
                 }
             }
@@ -371,21 +453,33 @@ impl Session {
         Ok(())
     }
 
-    fn scan(&mut self, cache_path: &Path, out: &mut dyn FnMut(Response)) {
+    fn scan(&mut self, cache_path: &Path, full: bool, out: &mut dyn FnMut(Response)) {
+        // Asked again for a full listing: send what was scanned, do not rescan.
+        if let Some(snap) = self.snapshot.clone() {
+            return self.send_scan(&snap, false, out);
+        }
         crate::trace!(
             "serve {}: loading the scan cache",
             self.root.path().display()
         );
-        let cache = match archive::load_scan_cache(cache_path) {
-            Ok(c) => c,
-            Err(StateError::Missing { .. }) => Vec::new(),
+        let (generation, cache) = match archive::load_scan_cache(cache_path) {
+            Ok((g, c)) => (Some(g), c),
+            Err(StateError::Missing { .. }) => (None, Vec::new()),
             Err(e) => {
                 out(Response::Warning(format!("{e}; hashing every file again")));
-                Vec::new()
+                (None, Vec::new())
             }
         };
+        if generation != self.cache_gen {
+            // Not the cache the records were checked against at open (it changed or
+            // turned out corrupt): no record of ours can be read back.
+            self.record = None;
+            self.others.clear();
+            self.pair_shared = false;
+        }
+        self.cache_gen = generation;
         crate::trace!("serve: cache loaded ({} entries)", cache.len());
-        let snap = match scan::scan(
+        let mut snap = match scan::scan(
             self.root.path(),
             &self.excludes,
             cache,
@@ -396,29 +490,28 @@ impl Session {
             Ok(s) => s,
             Err(e) => return out(Response::Fatal(format!("{e:#}"))),
         };
+        snap.generation = generation;
         crate::trace!(
-            "serve: scanned ({} entries, {} hashed)",
+            "serve: scanned ({} entries, {} hashed, {} changed)",
             snap.entries.len(),
-            snap.stats.hashed_files
+            snap.stats.hashed_files,
+            snap.changes.len()
         );
+        let snap = Arc::new(snap);
+        self.snapshot = Some(snap.clone());
         if let Some(slot) = &self.share {
-            let st = snap.stats;
-            let snap = Arc::new(snap);
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());
-            self.snapshot = Some(snap);
-            out(Response::ScanDone(ScanSummary {
-                delta: false,
-                files: st.files,
-                dirs: st.dirs,
-                bytes: st.bytes,
-                hashed_files: st.hashed_files,
-                hashed_bytes: st.hashed_bytes,
-                temps_removed: st.temps_removed,
-                millis: st.took.as_millis() as u64,
-            }));
-            return;
+            return out(Response::ScanDone(summary(&snap, false)));
         }
-        let delta = self.pair_shared && self.pair.is_some();
+        let delta = !full && self.pair_shared && self.record.is_some();
+        self.send_scan(&snap, delta, out);
+    }
+
+    /// Sends a scan: every path, or (`delta`) only where it differs from what we
+    /// agreed with the hub. The agreed state differs from the old cache only at the
+    /// record's paths, and the tree from the old cache only at the scan's changes,
+    /// so those are the only paths to look at.
+    fn send_scan(&self, snap: &Snapshot, delta: bool, out: &mut dyn FnMut(Response)) {
         let mut batch = Vec::new();
         let mut size = 0usize;
         let mut emit = |e: Entry, out: &mut dyn FnMut(Response)| {
@@ -429,80 +522,83 @@ impl Session {
                 size = 0;
             }
         };
-        let mut skipped = snap.skipped.iter().peekable();
-        let agreed: &[(RelPath, Version)] = match (&self.pair, delta) {
-            (Some(p), true) => p.entries(),
-            _ => &[],
-        };
-        let mut agreed = agreed.iter().peekable();
-        for e in &snap.entries {
-            while let Some((p, why)) = skipped.next_if(|(p, _)| *p < e.path) {
-                emit(
-                    Entry {
-                        path: p.clone(),
-                        state: State::Skip(why.clone()),
-                    },
-                    out,
-                );
+        match (&self.record, delta) {
+            (Some(rec), true) => {
+                let old = OldCache {
+                    current: &snap.entries,
+                    changes: &snap.changes,
+                };
+                let paths = sorted_union(vec![
+                    Box::new(snap.changes.iter().map(|e| &e.0)),
+                    Box::new(rec.diff.iter().map(|e| &e.0)),
+                    Box::new(snap.skipped.iter().map(|e| &e.0)),
+                ]);
+                for p in paths {
+                    if let Ok(i) = snap.skipped.binary_search_by(|e| e.0.cmp(p)) {
+                        emit(
+                            Entry {
+                                path: p.clone(),
+                                state: State::Skip(snap.skipped[i].1.clone()),
+                            },
+                            out,
+                        );
+                        continue;
+                    }
+                    let now = snap.get(p).map(|e| &e.version);
+                    let agreed = agreed::lookup(&rec.diff, &old, p);
+                    let same = match (now, agreed) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => a.same(b),
+                        _ => false,
+                    };
+                    if !same {
+                        let state = now.map_or(State::Absent, |v| State::Present(v.clone()));
+                        emit(
+                            Entry {
+                                path: p.clone(),
+                                state,
+                            },
+                            out,
+                        );
+                    }
+                }
             }
-            while let Some((p, _)) = agreed.next_if(|(p, _)| *p < e.path) {
-                if !snap.is_skipped(p) {
+            _ => {
+                let mut skipped = snap.skipped.iter().peekable();
+                for e in &snap.entries {
+                    while let Some((p, why)) = skipped.next_if(|(p, _)| *p < e.path) {
+                        emit(
+                            Entry {
+                                path: p.clone(),
+                                state: State::Skip(why.clone()),
+                            },
+                            out,
+                        );
+                    }
                     emit(
                         Entry {
-                            path: p.clone(),
-                            state: State::Absent,
+                            path: e.path.clone(),
+                            state: State::Present(e.version.clone()),
                         },
                         out,
                     );
                 }
-            }
-            let base = agreed.next_if(|(p, _)| *p == e.path).map(|(_, v)| v);
-            if !delta || !base.is_some_and(|b| b.same(&e.version)) {
-                emit(
-                    Entry {
-                        path: e.path.clone(),
-                        state: State::Present(e.version.clone()),
-                    },
-                    out,
-                );
-            }
-        }
-        for (p, why) in skipped {
-            emit(
-                Entry {
-                    path: p.clone(),
-                    state: State::Skip(why.clone()),
-                },
-                out,
-            );
-        }
-        for (p, _) in agreed {
-            if !snap.is_skipped(p) {
-                emit(
-                    Entry {
-                        path: p.clone(),
-                        state: State::Absent,
-                    },
-                    out,
-                );
+                for (p, why) in skipped {
+                    emit(
+                        Entry {
+                            path: p.clone(),
+                            state: State::Skip(why.clone()),
+                        },
+                        out,
+                    );
+                }
             }
         }
         if !batch.is_empty() {
             out(Response::Entries(batch));
         }
         crate::trace!("serve: entries sent");
-        let st = snap.stats;
-        out(Response::ScanDone(ScanSummary {
-            delta,
-            files: st.files,
-            dirs: st.dirs,
-            bytes: st.bytes,
-            hashed_files: st.hashed_files,
-            hashed_bytes: st.hashed_bytes,
-            temps_removed: st.temps_removed,
-            millis: st.took.as_millis() as u64,
-        }));
-        self.snapshot = Some(Arc::new(snap));
+        out(Response::ScanDone(summary(snap, delta)));
     }
 
     fn read(&mut self, path: &RelPath, offset: u64, len: u32) -> Result<Vec<u8>, OpError> {
@@ -663,35 +759,125 @@ impl Session {
             out(Response::Done { id, result });
         }
     }
+}
 
-    /// Applies the hub's changes to our copy of the pair's agreed state and checks
-    /// that both copies are now identical.
-    fn commit(&mut self, state_dir: &Path, token: archive::Token) -> Option<String> {
-        let changes = std::mem::take(&mut self.commit);
-        let mut pair = match (self.commit_reset, self.pair.take()) {
-            (false, Some(p)) if self.pair_shared => p,
-            _ => Agreed::new(self.hub, Vec::new()),
+impl Session {
+    /// Rewrites this replica's pair records against the cache as it ends this
+    /// session (`cache_after`), looking only at the paths the session touched.
+    fn rebase_records<'c>(
+        &self,
+        mut commit: Vec<(RelPath, Option<Version>)>,
+        snap: &Snapshot,
+        cache_after: &dyn Fn(&RelPath) -> Option<&'c Version>,
+        own_path: &Path,
+    ) -> Vec<(PathBuf, PairRecord)> {
+        let old = OldCache {
+            current: &snap.entries,
+            changes: &snap.changes,
         };
-        let path = state_dir
-            .join("pairs")
-            .join(format!("hub-{}.state", self.hub.hex()));
-        pair.apply(&changes);
-        if pair.token.digest != token.digest {
-            let _ = std::fs::remove_file(&path);
-            return Some(
-                "the agreed state diverged from the hub's; the next run exchanges full snapshots"
-                    .into(),
-            );
+        let applied: Vec<&RelPath> = self.applied.keys().collect();
+        let mut out = Vec::new();
+        commit.sort_by(|a, b| a.0.cmp(&b.0));
+        commit.dedup_by(|a, b| a.0 == b.0);
+        let find_commit = |p: &RelPath| {
+            commit
+                .binary_search_by(|e| e.0.cmp(p))
+                .ok()
+                .map(|i| commit[i].1.clone())
+        };
+        if let Some(token) = self.committed {
+            let reset = self.commit_reset || !self.pair_shared || self.record.is_none();
+            let base: &[(RelPath, Option<Version>)] = match (&self.record, reset) {
+                (Some(r), false) => &r.diff,
+                _ => &[],
+            };
+            let mut lists: Vec<Box<dyn Iterator<Item = &RelPath> + '_>> = vec![
+                Box::new(base.iter().map(|e| &e.0)),
+                Box::new(snap.changes.iter().map(|e| &e.0)),
+                Box::new(applied.iter().copied()),
+                Box::new(commit.iter().map(|e| &e.0)),
+            ];
+            if reset {
+                lists.push(Box::new(snap.entries.iter().map(|e| &e.path)));
+            }
+            let touched = sorted_union(lists);
+            let agreed_after = |p: &RelPath| match find_commit(p) {
+                Some(v) => v,
+                None if reset => None,
+                None => agreed::lookup(base, &old, p).cloned(),
+            };
+            let files = if reset {
+                commit
+                    .iter()
+                    .filter(|e| e.1.as_ref().is_some_and(|v| !v.is_dir()))
+                    .count() as u64
+            } else {
+                let before = self.record.as_ref().map_or(0, |r| r.files);
+                agreed::count_files(
+                    before,
+                    commit
+                        .iter()
+                        .map(|(p, after)| (agreed::lookup(base, &old, p), after.as_ref())),
+                )
+            };
+            let diff = agreed::rebase(touched, agreed_after, cache_after);
+            out.push((
+                own_path.to_path_buf(),
+                PairRecord {
+                    peer_replica: Some(self.hub),
+                    token,
+                    base: 0,
+                    files,
+                    diff,
+                },
+            ));
+        } else if let Some(rec) = &self.record {
+            out.push((
+                own_path.to_path_buf(),
+                rebased(rec, &old, snap, &applied, cache_after),
+            ));
         }
-        pair.token = token;
-        let warning = pair
-            .save(&path, "hub")
-            .err()
-            .map(|e| format!("cannot save the agreed state {}: {e}", path.display()));
-        self.pair = Some(pair);
-        self.pair_shared = true;
-        self.commit_reset = false;
-        warning
+        for (p, rec) in &self.others {
+            out.push((p.clone(), rebased(rec, &old, snap, &applied, cache_after)));
+        }
+        out
+    }
+}
+
+/// A record whose agreed state did not change, rewritten against a new cache.
+fn rebased<'c>(
+    rec: &PairRecord,
+    old: &OldCache<'_>,
+    snap: &Snapshot,
+    applied: &[&RelPath],
+    cache_after: &dyn Fn(&RelPath) -> Option<&'c Version>,
+) -> PairRecord {
+    let touched = sorted_union(vec![
+        Box::new(rec.diff.iter().map(|e| &e.0)),
+        Box::new(snap.changes.iter().map(|e| &e.0)),
+        Box::new(applied.iter().copied()),
+    ]);
+    PairRecord {
+        diff: agreed::rebase(
+            touched,
+            |p| agreed::lookup(&rec.diff, old, p).cloned(),
+            cache_after,
+        ),
+        ..rec.clone()
+    }
+}
+
+fn summary(snap: &Snapshot, delta: bool) -> ScanSummary {
+    let st = snap.stats;
+    ScanSummary {
+        delta,
+        files: st.files,
+        dirs: st.dirs,
+        bytes: st.bytes,
+        hashed_files: st.hashed_files,
+        hashed_bytes: st.hashed_bytes,
+        temps_removed: st.temps_removed,
+        millis: st.took.as_millis() as u64,
     }
 }
 

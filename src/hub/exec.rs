@@ -10,9 +10,13 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::agreed::{self, OldCache, sorted_union};
+use crate::archive::{PairRecord, Token};
 use crate::plan::{Action, HUB, Plan, Reason};
 use crate::proto::{CHUNK, Expect, Op, OpError, Request, Response};
+use crate::relpath::RelPath;
 use crate::version::Kind;
+use crate::version::Version;
 
 use super::Run;
 
@@ -760,80 +764,193 @@ impl Run<'_> {
         }
     }
 
-    /// Sends each peer the changes to its agreed state and saves ours once it has
-    /// saved its own.
+    /// Sends each peer the changes to its agreed state, and prepares our own pair
+    /// records (saved once the hub's scan cache is, since they are relative to it).
     pub(super) fn commit(&mut self, plan: &Plan, outcomes: &Outcomes) {
         let ok = |item: usize, r: usize| outcomes.ok[item].iter().all(|&(x, good)| x != r || good);
-        let mut new_states = Vec::new();
-        for i in 1..self.reps.len() {
+        let result_of = |ii: usize| -> Option<Option<Version>> {
+            let item = &plan.items[ii];
+            match &item.reason {
+                // A merge is agreed on only if it was made.
+                Reason::Merged { .. } => outcomes.merged.get(&ii).map(|v| Some(v.clone())),
+                _ => Some(item.result.clone()),
+            }
+        };
+        let Some(snap) = self.hub_snapshot.clone() else {
+            return;
+        };
+        let old = OldCache {
+            current: &snap.entries,
+            changes: &snap.changes,
+        };
+        // What the hub's tree holds after this run, where the run touched it.
+        let mut hub_after: Vec<(RelPath, Option<Version>)> = Vec::new();
+        for (ii, item) in plan.items.iter().enumerate() {
+            if item.actions.iter().any(|&(r, _)| r == HUB)
+                && ok(ii, HUB)
+                && let Some(v) = result_of(ii)
+            {
+                hub_after.push((item.path.clone(), v));
+            }
+        }
+        let cache_after = |p: &RelPath| -> Option<&Version> {
+            match hub_after.binary_search_by(|e| e.0.cmp(p)) {
+                Ok(i) => hub_after[i].1.as_ref(),
+                Err(_) => snap.get(p).map(|e| &e.version),
+            }
+        };
+        let item_paths: Vec<&RelPath> = plan.items.iter().map(|i| &i.path).collect();
+        let mut waiting = Vec::new();
+        let records: Vec<Option<PairRecord>> = self.reps.iter().map(|r| r.agreed.clone()).collect();
+        for (i, known) in records.iter().enumerate().skip(1) {
             let rep = &self.reps[i];
+            let Some(path) = rep.pair_path.clone() else {
+                continue;
+            };
+            let known = known.as_ref();
             if !rep.taking_part() {
+                // Not synced this run: its agreed state stands, rewritten against
+                // the hub's new cache.
+                if let Some(rec) = known {
+                    let touched = sorted_union(vec![
+                        Box::new(rec.diff.iter().map(|e| &e.0)),
+                        Box::new(snap.changes.iter().map(|e| &e.0)),
+                        Box::new(item_paths.iter().copied()),
+                    ]);
+                    let diff = agreed::rebase(
+                        touched,
+                        |p| agreed::lookup(&rec.diff, &old, p).cloned(),
+                        cache_after,
+                    );
+                    self.records.push((
+                        path,
+                        PairRecord {
+                            diff,
+                            ..rec.clone()
+                        },
+                    ));
+                }
                 continue;
             }
-            let changes: Vec<_> = plan
+            let updates: Vec<(RelPath, Option<Version>)> = plan
                 .items
                 .iter()
                 .enumerate()
                 .filter(|(ii, item)| item.agree.contains(&i) && ok(*ii, HUB) && ok(*ii, i))
-                .filter_map(|(ii, item)| match &item.reason {
-                    // A merge is agreed on only if it was made.
-                    Reason::Merged { .. } => outcomes
-                        .merged
-                        .get(&ii)
-                        .map(|v| (item.path.clone(), Some(v.clone()))),
-                    _ => Some((item.path.clone(), item.result.clone())),
-                })
+                .filter_map(|(ii, item)| result_of(ii).map(|v| (item.path.clone(), v)))
                 .collect();
-            if changes.is_empty() && rep.shared {
+            let find_update = |p: &RelPath| {
+                updates
+                    .binary_search_by(|e| e.0.cmp(p))
+                    .ok()
+                    .map(|k| updates[k].1.clone())
+            };
+            let agreed_after = |p: &RelPath| -> Option<Version> {
+                match find_update(p) {
+                    Some(v) => v,
+                    None => known.and_then(|r| agreed::lookup(&r.diff, &old, p).cloned()),
+                }
+            };
+            let replica = rep.opened.as_ref().map(|o| o.replica);
+            let shared = rep.shared && known.is_some();
+            let mut lists: Vec<Box<dyn Iterator<Item = &RelPath> + '_>> = vec![
+                Box::new(snap.changes.iter().map(|e| &e.0)),
+                Box::new(item_paths.iter().copied()),
+                Box::new(updates.iter().map(|e| &e.0)),
+            ];
+            if let Some(rec) = known {
+                lists.push(Box::new(rec.diff.iter().map(|e| &e.0)));
+            }
+            if !shared {
+                lists.push(Box::new(snap.entries.iter().map(|e| &e.path)));
+            }
+            let touched = sorted_union(lists);
+            let files = agreed::count_files(
+                known.map_or(0, |r| r.files),
+                updates.iter().map(|(p, after)| {
+                    (
+                        known.and_then(|r| agreed::lookup(&r.diff, &old, p)),
+                        after.as_ref(),
+                    )
+                }),
+            );
+            let diff = agreed::rebase(touched.iter().copied(), agreed_after, cache_after);
+            if updates.is_empty() && shared {
+                // Nothing newly agreed; only a new cache to be relative to.
+                let rec = known.expect("shared implies a record");
+                self.records.push((
+                    path,
+                    PairRecord {
+                        diff,
+                        ..rec.clone()
+                    },
+                ));
                 continue;
             }
-            let replica = rep
-                .opened
-                .as_ref()
-                .map(|o| o.replica)
-                .expect("opened before scanning");
-            let mut state = rep
-                .agreed
-                .clone()
-                .unwrap_or_else(|| crate::archive::Agreed::new(replica, Vec::new()));
-            state.peer_replica = replica;
-            state.apply(&changes);
+            let token = Token::new();
             let rep = &mut self.reps[i];
-            if rep.shared {
-                send_commit(rep, changes, state.token, false);
+            if shared {
+                send_commit(rep, updates, token, false);
             } else {
-                let all = state
-                    .entries()
-                    .iter()
-                    .map(|(p, v)| (p.clone(), Some(v.clone())))
-                    .collect();
-                send_commit(rep, all, state.token, true);
+                // The peer cannot apply changes to a state it does not share: it gets
+                // the whole agreed state.
+                let all: Vec<(RelPath, Option<Version>)> = match known {
+                    None => updates.into_iter().filter(|e| e.1.is_some()).collect(),
+                    Some(rec) => sorted_union(vec![
+                        Box::new(snap.entries.iter().map(|e| &e.path)),
+                        Box::new(snap.changes.iter().map(|e| &e.0)),
+                        Box::new(rec.diff.iter().map(|e| &e.0)),
+                        Box::new(updates.iter().map(|e| &e.0)),
+                    ])
+                    .into_iter()
+                    .filter_map(|p| agreed_after(p).map(|v| (p.clone(), Some(v))))
+                    .collect(),
+                };
+                send_commit(rep, all, token, true);
             }
             rep.pending += 1;
-            new_states.push((i, state));
+            waiting.push((
+                i,
+                path,
+                PairRecord {
+                    peer_replica: replica,
+                    token,
+                    base: 0,
+                    files,
+                    diff,
+                },
+            ));
         }
-        let waiting: Vec<usize> = new_states.iter().map(|(i, _)| *i).collect();
+        let ids: Vec<usize> = waiting.iter().map(|w| w.0).collect();
         self.pump(|run| {
-            waiting.iter().all(|&i| {
+            ids.iter().all(|&i| {
                 !run.reps[i].conn.alive || run.exec.as_ref().is_some_and(|e| e.committed[i])
             })
         });
-        for (i, state) in new_states {
-            let committed = self.exec.as_ref().is_some_and(|e| e.committed[i]);
-            let rep = &mut self.reps[i];
-            if !committed {
-                continue;
-            }
-            let path = rep.pair_path.clone().expect("peers have a pair path");
-            if let Err(e) = state.save(&path, &rep.conn.label) {
-                self.report.errors.push(format!(
-                    "cannot save the agreed state with {} at {}: {e}",
-                    rep.conn.label,
-                    path.display()
+        for (i, path, rec) in waiting {
+            if self.exec.as_ref().is_some_and(|e| e.committed[i]) {
+                self.records.push((path, rec));
+            } else if let Some(old_rec) = &self.reps[i].agreed {
+                // The peer did not confirm: keep what we agreed before (rewritten
+                // against the new cache), so that nothing is taken as agreed twice.
+                let touched = sorted_union(vec![
+                    Box::new(old_rec.diff.iter().map(|e| &e.0)),
+                    Box::new(snap.changes.iter().map(|e| &e.0)),
+                    Box::new(item_paths.iter().copied()),
+                ]);
+                let diff = agreed::rebase(
+                    touched,
+                    |p| agreed::lookup(&old_rec.diff, &old, p).cloned(),
+                    cache_after,
+                );
+                self.records.push((
+                    path,
+                    PairRecord {
+                        diff,
+                        ..old_rec.clone()
+                    },
                 ));
-                rep.report.failed_actions += 1;
             }
-            rep.agreed = Some(state);
         }
         self.exec = None;
     }
@@ -874,8 +991,8 @@ fn finish_task(ex: &mut Exec, t: usize, result: Result<(), OpError>) {
 
 fn send_commit(
     rep: &mut super::Rep,
-    changes: Vec<(crate::relpath::RelPath, Option<crate::version::Version>)>,
-    token: crate::archive::Token,
+    changes: Vec<(RelPath, Option<Version>)>,
+    token: Token,
     reset: bool,
 ) {
     let mut chunks = changes.chunks(COMMIT_CHUNK).peekable();

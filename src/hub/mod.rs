@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 
 use crate::apply::conflict_time;
-use crate::archive::{Agreed, ReplicaId, StateError};
+use crate::archive::{PairRecord, ReplicaId, StateError};
 use crate::config::{Settings, Target, sanitize};
 use crate::exclude::Excludes;
 use crate::lock::{Lock, LockError};
@@ -60,9 +60,10 @@ pub struct Outcome {
 struct Rep {
     conn: Conn,
     url: String,
-    /// Peers: where the hub keeps its copy of this pair's agreed state.
+    /// Peers: where the hub keeps its record of this pair's agreed state.
     pair_path: Option<PathBuf>,
-    agreed: Option<Agreed>,
+    /// The record, if it is readable and relative to the hub's scan cache.
+    agreed: Option<PairRecord>,
     /// The peer holds a copy of `agreed` with the same token (deltas possible).
     shared: bool,
     opened: Option<Opened>,
@@ -96,6 +97,11 @@ struct Run<'a> {
     /// The hub's own scan, shared with its in-process replica.
     hub_slot: crate::server::SnapshotSlot,
     hub_snapshot: Option<std::sync::Arc<crate::scan::Snapshot>>,
+    /// The hub's cache generation when the run started (records refer to it).
+    hub_gen: Option<u64>,
+    /// Pair records to save once the hub's cache is saved, and its generation then.
+    records: Vec<(PathBuf, PairRecord)>,
+    saved_gen: Option<u64>,
     /// Paths whose conflicting versions are merged, and how.
     mergeable: Option<globset::GlobSet>,
     merge_rules: Vec<(globset::GlobMatcher, crate::merge::MergeRule)>,
@@ -110,7 +116,8 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
     let _lock = Lock::acquire(&s.root, &hub_state)?;
     let (hub_id, _) = ReplicaId::load(&hub_state, !s.dry_run).context("the hub's replica id")?;
     let hub_id = hub_id.unwrap_or_else(ReplicaId::random);
-    let excludes = Excludes::new(&s.excludes)?;
+    Excludes::new(&s.excludes)?;
+    let hub_gen = crate::archive::scan_cache_generation(&hub_state.join("scan-cache"));
 
     let (tx, rx) = mpsc::channel();
     let hub_slot: crate::server::SnapshotSlot = Default::default();
@@ -150,11 +157,15 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
             "peer-{}.state",
             &blake3::hash(p.key.as_bytes()).to_hex()[..16]
         ));
-        crate::trace!("loading the agreed state with {}", p.label);
-        let agreed = match Agreed::load(&pair_path) {
-            Ok(mut a) => {
-                a.retain(|p| !excludes.excludes(p));
-                Some(a)
+        let agreed = match PairRecord::load(&pair_path) {
+            Ok(r) if Some(r.base) == hub_gen => Some(r),
+            Ok(_) => {
+                report.warnings.push(format!(
+                    "peer {}: {} does not match the hub's scan cache (a crash between saving them, or a lost cache); treating this as a first sync with it (nothing will be deleted)",
+                    p.label,
+                    pair_path.display()
+                ));
+                None
             }
             Err(StateError::Missing { .. }) => None,
             Err(e) => {
@@ -224,6 +235,9 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         exec: None,
         hub_slot,
         hub_snapshot: None,
+        hub_gen,
+        records: Vec::new(),
+        saved_gen: None,
         mergeable: None,
         merge_rules: Vec::new(),
     };
@@ -291,7 +305,7 @@ impl Run<'_> {
     fn open_and_scan(&mut self) -> Result<(), RunError> {
         for (i, rep) in self.reps.iter_mut().enumerate() {
             let (pair, pair_replica) = match &rep.agreed {
-                Some(a) => (Some(a.token), Some(a.peer_replica)),
+                Some(a) => (Some(a.token), a.peer_replica),
                 None => (None, None),
             };
             rep.sent_at = Instant::now();
@@ -310,13 +324,43 @@ impl Run<'_> {
                 check: false,
                 conflict_retention: Some(self.s.conflict_retention.as_secs()),
             }));
-            rep.conn.send(Request::Scan);
+            rep.conn.send(Request::Scan { full: false });
         }
         self.pump(|run| {
             run.reps
                 .iter()
                 .all(|r| !r.conn.alive || r.scanned.is_some())
         });
+        // Records are relative to the cache the hub had when they were written; if
+        // the scan found another (or none), they cannot be read back.
+        let gen_now = self.hub_snapshot.as_ref().and_then(|s| s.generation);
+        if gen_now != self.hub_gen {
+            for rep in self.reps.iter_mut().skip(1) {
+                if rep.agreed.take().is_some() {
+                    self.report.warnings.push(format!(
+                        "peer {}: the hub's scan cache changed under its record; treating this as a first sync with it (nothing will be deleted)",
+                        rep.conn.label
+                    ));
+                }
+            }
+        }
+        // A delta is only readable against a record: ask again for everything.
+        let mut again = false;
+        for rep in self.reps.iter_mut().skip(1) {
+            if rep.conn.alive && rep.agreed.is_none() && rep.scanned.is_some_and(|s| s.delta) {
+                rep.entries.clear();
+                rep.scanned = None;
+                rep.conn.send(Request::Scan { full: true });
+                again = true;
+            }
+        }
+        if again {
+            self.pump(|run| {
+                run.reps
+                    .iter()
+                    .all(|r| !r.conn.alive || r.scanned.is_some())
+            });
+        }
         let hub = &self.reps[HUB];
         if !hub.conn.alive || hub.scanned.is_none() {
             return Err(anyhow!(
@@ -406,11 +450,8 @@ impl Run<'_> {
                     rep.conn.fail("it sent its scan out of order".into());
                 }
                 if !summary.delta {
-                    // A full listing never needs a base; a delta needs ours.
+                    // A full listing never needs a base.
                     rep.shared = false;
-                } else if rep.agreed.is_none() {
-                    rep.conn
-                        .fail("it sent a delta against an agreed state we do not have".into());
                 }
             }
             Event::Response(Response::Warning(w)) => {
@@ -448,7 +489,7 @@ impl Run<'_> {
     fn opened(&mut self, r: usize, o: Opened) {
         let rep = &mut self.reps[r];
         if let (true, Some(a)) = (r != HUB, &rep.agreed) {
-            let why = if a.peer_replica != o.replica {
+            let why = if a.peer_replica != Some(o.replica) {
                 // An empty root keeps its agreed state until the unmounted-disk check.
                 (!o.root_was_empty).then(|| {
                     "it is not the replica it was at the last sync (its .hubsync directory is new)"
@@ -482,14 +523,13 @@ impl Run<'_> {
             let (Some(o), Some(a)) = (&rep.opened, &rep.agreed) else {
                 continue;
             };
-            if o.root_was_empty && a.files() > 0 && !self.s.force_deletions {
+            if o.root_was_empty && a.files > 0 && !self.s.force_deletions {
                 rep.refused = Some(format!(
                     "its root {} is empty, but the last sync left {} files there; it looks unmounted or wiped, so nothing was copied to it or deleted because of it. Mount it, or if it really is meant to be empty, run again with --force-deletions",
-                    rep.url,
-                    a.files()
+                    rep.url, a.files
                 ));
             }
-            if o.root_was_empty && a.peer_replica != o.replica {
+            if o.root_was_empty && a.peer_replica != Some(o.replica) {
                 // After the check (or with --force-deletions): a fresh replica.
                 rep.agreed = None;
             }
@@ -516,12 +556,18 @@ impl Run<'_> {
 
     /// Reconciles, taking out peers whose changes would delete too much.
     fn plan(&mut self) -> Plan {
+        let empty = crate::scan::Snapshot::default();
+        let snap = self.hub_snapshot.clone();
+        let snap = snap.as_deref().unwrap_or(&empty);
         loop {
             let plan = {
                 let input = reconcile::Input {
                     mergeable: self.mergeable.as_ref(),
-                    hub_snapshot: self.hub_snapshot.as_deref(),
-                    hub: &self.reps[HUB].entries,
+                    hub: reconcile::Hub {
+                        current: &snap.entries,
+                        skipped: &snap.skipped,
+                        changes: &snap.changes,
+                    },
                     peers: self.reps[1..]
                         .iter()
                         .map(|rep| PeerInput {
@@ -532,7 +578,7 @@ impl Run<'_> {
                                     View::Full(&rep.entries)
                                 }
                             }),
-                            agreed: rep.agreed.as_ref().map(|a| a.entries()),
+                            agreed: rep.agreed.as_ref().map(|a| &a.diff[..]),
                             clock_ok: rep
                                 .report
                                 .clock_offset
@@ -552,7 +598,7 @@ impl Run<'_> {
     fn refuse_mass_deletions(&mut self, plan: &Plan) -> bool {
         let mut refused = false;
         for victim in 0..self.reps.len() {
-            let files = self.reps[victim].scanned.map_or(0, |s| s.files) as usize;
+            let files = self.reps[victim].scanned.map_or(0, |s| s.files + s.dirs) as usize;
             let removes: Vec<&crate::plan::Item> = plan
                 .items
                 .iter()
@@ -561,7 +607,6 @@ impl Run<'_> {
                         .iter()
                         .any(|&(r, a)| r == victim && a == Action::Remove)
                         && i.result.is_none()
-                        && !self.is_dir_on(victim, &i.path)
                 })
                 .collect();
             if removes.len() <= HANDFUL || removes.len() * 2 <= files {
@@ -696,11 +741,55 @@ impl Run<'_> {
             }
         }
         crate::trace!("closed");
-        // Drain what the closing replicas still say (warnings about their caches).
-        while let Ok(inc) = self.rx.recv_timeout(Duration::from_millis(20)) {
-            if let Event::Response(Response::Warning(w)) = inc.event {
-                let label = self.reps[inc.replica].conn.label.clone();
-                self.report.warnings.push(format!("{label}: {w}"));
+        // Drain what the closing replicas still say (warnings, the hub's new cache
+        // generation); the hub's own replica has finished when it reports closed.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut hub_closed = !self.reps[HUB].conn.alive;
+        loop {
+            let wait = if hub_closed {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_millis(200)
+            };
+            let Ok(inc) = self.rx.recv_timeout(wait) else {
+                if hub_closed || Instant::now() > deadline {
+                    break;
+                }
+                continue;
+            };
+            match inc.event {
+                Event::Response(Response::Warning(w)) => {
+                    let label = self.reps[inc.replica].conn.label.clone();
+                    self.report.warnings.push(format!("{label}: {w}"));
+                }
+                Event::Response(Response::CacheSaved { generation }) if inc.replica == HUB => {
+                    self.saved_gen = Some(generation);
+                }
+                Event::Closed(_) if inc.replica == HUB => hub_closed = true,
+                _ => {}
+            }
+        }
+        // Pair records are relative to the hub's cache: saved after it, never with
+        // a generation that is not on disk.
+        if let Some(generation) = self.saved_gen {
+            for (path, mut rec) in std::mem::take(&mut self.records) {
+                rec.base = generation;
+                let unchanged = self
+                    .reps
+                    .iter()
+                    .find(|r| r.pair_path.as_ref() == Some(&path))
+                    .and_then(|r| r.agreed.as_ref())
+                    .is_some_and(|old| *old == rec);
+                if unchanged {
+                    continue;
+                }
+                if let Err(e) = rec.save(&path, "peer") {
+                    self.report.errors.push(format!(
+                        "cannot save the agreed state at {}: {e}",
+                        path.display()
+                    ));
+                    self.reps[HUB].report.failed_actions += 1;
+                }
             }
         }
         let mut failed = 0;
@@ -747,31 +836,6 @@ impl Run<'_> {
         self.report.exit_code = code;
         self.report.seconds = started.elapsed().as_secs_f64();
         self.report.replicas = self.reps.iter().map(|r| r.report.clone()).collect();
-    }
-}
-
-impl Run<'_> {
-    /// Whether replica `r` holds a directory at `path` (as scanned, or agreed).
-    fn is_dir_on(&self, r: usize, path: &crate::relpath::RelPath) -> bool {
-        if r == HUB {
-            return self
-                .hub_snapshot
-                .as_ref()
-                .and_then(|s| s.get(path))
-                .is_some_and(|e| e.version.is_dir());
-        }
-        self.reps[r].entries_is_dir(path)
-    }
-}
-
-impl Rep {
-    fn entries_is_dir(&self, path: &crate::relpath::RelPath) -> bool {
-        self.entries
-            .binary_search_by(|e| e.path.cmp(path))
-            .ok()
-            .and_then(|i| self.entries[i].state.version())
-            .or_else(|| self.agreed.as_ref().and_then(|a| a.get(path)))
-            .is_some_and(|v| v.is_dir())
     }
 }
 

@@ -15,8 +15,12 @@ use crate::version::{Entry, Mtime, Version};
 #[derive(Debug, Encode, Decode)]
 pub enum Request {
     Open(Open),
-    /// Scan the root; answered by `Entries`* then `ScanDone`.
-    Scan,
+    /// Scan the root; answered by `Entries`* then `ScanDone`. With `full`, every
+    /// present path, never a delta (asked for again when the hub finds it cannot
+    /// use a delta after all: then the tree is not scanned a second time).
+    Scan {
+        full: bool,
+    },
     /// Send `len` bytes of a file from `offset`; answered by one `Data`, shorter only
     /// if the file is shorter.
     Read {
@@ -133,6 +137,10 @@ pub enum Response {
         result: Result<(), OpError>,
     },
     Committed,
+    /// The scan cache on disk now has this generation (pair records refer to it).
+    CacheSaved {
+        generation: u64,
+    },
     /// Sent about once a second while a long request (a scan) is under way, so that
     /// a slow replica is not mistaken for a dead one.
     Progress {

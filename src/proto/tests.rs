@@ -5,7 +5,7 @@ use std::io::Cursor;
 #[test]
 fn frames_round_trip() {
     let msgs = vec![
-        Request::Scan,
+        Request::Scan { full: true },
         Request::Read {
             id: 7,
             path: RelPath::new("a/b").unwrap(),

@@ -54,6 +54,99 @@ fn l(target: &str) -> Version {
     }
 }
 
+/// Tests describe every replica and agreed state as whole trees; this turns them
+/// into what `reconcile` takes (the hub's scan as its current cache, each agreed
+/// state as its difference from it).
+struct TInput<'a> {
+    hub: &'a [Entry],
+    peers: Vec<TPeer<'a>>,
+    mergeable: Option<&'a globset::GlobSet>,
+}
+
+struct TPeer<'a> {
+    view: Option<View<'a>>,
+    agreed: Option<&'a [(RelPath, Version)]>,
+    clock_ok: bool,
+}
+
+fn reconcile_t(t: &TInput<'_>) -> Plan {
+    use crate::archive::CacheEntry;
+    use crate::scan::StatKey;
+    let stat = StatKey {
+        dev: 0,
+        ino: 0,
+        ctime: Mtime::default(),
+    };
+    let current: Vec<CacheEntry> = t
+        .hub
+        .iter()
+        .filter_map(|e| match &e.state {
+            State::Present(v) => Some(CacheEntry {
+                path: e.path.clone(),
+                version: v.clone(),
+                stat,
+                trusted: true,
+            }),
+            _ => None,
+        })
+        .collect();
+    let skipped: Vec<(RelPath, String)> = t
+        .hub
+        .iter()
+        .filter_map(|e| match &e.state {
+            State::Skip(w) => Some((e.path.clone(), w.clone())),
+            _ => None,
+        })
+        .collect();
+    let diffs: Vec<Option<crate::agreed::Diff>> = t
+        .peers
+        .iter()
+        .map(|p| {
+            p.agreed.map(|a| {
+                let mut d = Vec::new();
+                let mut paths: Vec<&RelPath> = a
+                    .iter()
+                    .map(|e| &e.0)
+                    .chain(current.iter().map(|e| &e.path))
+                    .collect();
+                paths.sort();
+                paths.dedup();
+                for path in paths {
+                    let av = a.iter().find(|e| e.0 == *path).map(|e| &e.1);
+                    let hv = current.iter().find(|e| e.path == *path).map(|e| &e.version);
+                    let same = match (av, hv) {
+                        (None, None) => true,
+                        (Some(x), Some(y)) => x.same(y),
+                        _ => false,
+                    };
+                    if !same {
+                        d.push((path.clone(), av.cloned()));
+                    }
+                }
+                d
+            })
+        })
+        .collect();
+    reconcile(&Input {
+        hub: Hub {
+            current: &current,
+            skipped: &skipped,
+            changes: &[],
+        },
+        peers: t
+            .peers
+            .iter()
+            .zip(&diffs)
+            .map(|(p, d)| PeerInput {
+                view: p.view,
+                agreed: d.as_deref(),
+                clock_ok: p.clock_ok,
+            })
+            .collect(),
+        mergeable: t.mergeable,
+    })
+}
+
 fn show(v: &Option<Version>) -> String {
     match v {
         None => "-".into(),
@@ -178,21 +271,20 @@ fn check_with(
     let peer_e: Vec<Vec<Entry>> = peers.iter().map(entries).collect();
     let agreed_l: Vec<Option<Vec<(RelPath, Version)>>> =
         agreed.iter().map(|a| a.as_ref().map(agreed_list)).collect();
-    let input = Input {
+    let input = TInput {
         hub: &hub_e,
         peers: peer_e
             .iter()
             .zip(&agreed_l)
-            .map(|(p, a)| PeerInput {
+            .map(|(p, a)| TPeer {
                 view: Some(View::Full(p)),
                 agreed: a.as_deref(),
                 clock_ok: true,
             })
             .collect(),
         mergeable,
-        hub_snapshot: None,
     };
-    let got = render(&reconcile(&input));
+    let got = render(&reconcile_t(&input));
     assert_eq!(got, expect, "\ngot:\n  {}\n", got.join("\n  "));
 }
 
@@ -412,19 +504,18 @@ fn plan_of(agreed: &[Option<Tree>], hub: Tree, peers: &[Tree]) -> Plan {
     let peer_e: Vec<Vec<Entry>> = peers.iter().map(entries).collect();
     let agreed_l: Vec<Option<Vec<(RelPath, Version)>>> =
         agreed.iter().map(|a| a.as_ref().map(agreed_list)).collect();
-    reconcile(&Input {
+    reconcile_t(&TInput {
         hub: &hub_e,
         peers: peer_e
             .iter()
             .zip(&agreed_l)
-            .map(|(p, a)| PeerInput {
+            .map(|(p, a)| TPeer {
                 view: Some(View::Full(p)),
                 agreed: a.as_deref(),
                 clock_ok: true,
             })
             .collect(),
         mergeable: None,
-        hub_snapshot: None,
     })
 }
 
@@ -580,22 +671,21 @@ fn peers_not_taking_part_are_left_alone() {
     let hub = t(&[("a", f("x", 1)), ("b", f("b", 2))]);
     let (hub_e, p_e) = (entries(&hub), entries(&base));
     let ag = agreed_list(&base);
-    let plan = reconcile(&Input {
+    let plan = reconcile_t(&TInput {
         hub: &hub_e,
         peers: vec![
-            PeerInput {
+            TPeer {
                 view: Some(View::Full(&p_e)),
                 agreed: Some(&ag),
                 clock_ok: true,
             },
-            PeerInput {
+            TPeer {
                 view: None,
                 agreed: Some(&ag),
                 clock_ok: true,
             },
         ],
         mergeable: None,
-        hub_snapshot: None,
     });
     assert_eq!(render(&plan), ["b = f:b@2 changed(0) <0 1:create"]);
     assert_eq!(plan.items[0].agree, vec![1]);
@@ -615,15 +705,14 @@ fn delta_views_read_through_to_the_agreed_state() {
             state: State::Present(f("z", 2)),
         },
     ];
-    let plan = reconcile(&Input {
+    let plan = reconcile_t(&TInput {
         hub: &hub,
-        peers: vec![PeerInput {
+        peers: vec![TPeer {
             view: Some(View::Delta(&delta)),
             agreed: Some(&base),
             clock_ok: true,
         }],
         mergeable: None,
-        hub_snapshot: None,
     });
     assert_eq!(
         render(&plan),
@@ -633,15 +722,14 @@ fn delta_views_read_through_to_the_agreed_state() {
         ]
     );
     // An empty delta means the peer holds exactly the agreed state.
-    let plan = reconcile(&Input {
+    let plan = reconcile_t(&TInput {
         hub: &hub,
-        peers: vec![PeerInput {
+        peers: vec![TPeer {
             view: Some(View::Delta(&[])),
             agreed: Some(&base),
             clock_ok: true,
         }],
         mergeable: None,
-        hub_snapshot: None,
     });
     assert!(plan.items.is_empty());
 }
@@ -661,15 +749,14 @@ fn paths_being_written_or_unreadable_are_left_alone() {
             state: State::Skip("changed while being read".into()),
         },
     ];
-    let plan = reconcile(&Input {
+    let plan = reconcile_t(&TInput {
         hub: &hub,
-        peers: vec![PeerInput {
+        peers: vec![TPeer {
             view: Some(View::Full(&peer)),
             agreed: Some(&ag),
             clock_ok: true,
         }],
         mergeable: None,
-        hub_snapshot: None,
     });
     assert_eq!(render(&plan), ["d skip", "d/a skip", "e skip"]);
     assert!(
@@ -688,15 +775,14 @@ fn conflicts_with_a_skewed_clock_are_left_alone_but_other_changes_flow() {
         ("new", f("n", 2)),
     ]));
     let peer = entries(&t(&[("a", f("peer", 9)), ("b", f("y2", 3))]));
-    let plan = reconcile(&Input {
+    let plan = reconcile_t(&TInput {
         hub: &hub,
-        peers: vec![PeerInput {
+        peers: vec![TPeer {
             view: Some(View::Full(&peer)),
             agreed: Some(&ag),
             clock_ok: false,
         }],
         mergeable: None,
-        hub_snapshot: None,
     });
     assert_eq!(
         render(&plan),
@@ -803,6 +889,12 @@ fn apply(plan: &Plan, trees: &mut [Fs], agreed: &mut [Option<Fs>]) -> Vec<Versio
 }
 
 fn plan_for(trees: &[Fs], agreed: &[Option<Fs>]) -> Plan {
+    plan_views(trees, agreed, None, false)
+}
+
+/// Reconciles in-memory trees; peer `absent` takes no part; with `deltas`, peers
+/// with an agreed state send only their differences from it (the sparse path).
+fn plan_views(trees: &[Fs], agreed: &[Option<Fs>], absent: Option<usize>, deltas: bool) -> Plan {
     let ents: Vec<Vec<Entry>> = trees
         .iter()
         .map(|t| {
@@ -814,6 +906,29 @@ fn plan_for(trees: &[Fs], agreed: &[Option<Fs>]) -> Plan {
                 .collect()
         })
         .collect();
+    let delta_of = |i: usize| -> Vec<Entry> {
+        let (t, a) = (&trees[i], agreed[i - 1].as_ref().expect("known"));
+        let mut paths: Vec<&RelPath> = t.keys().chain(a.keys()).collect();
+        paths.sort();
+        paths.dedup();
+        paths
+            .into_iter()
+            .filter(|p| !match (t.get(*p), a.get(*p)) {
+                (None, None) => true,
+                (Some(x), Some(y)) => x.same(y),
+                _ => false,
+            })
+            .map(|p| Entry {
+                path: p.clone(),
+                state: t
+                    .get(p)
+                    .map_or(State::Absent, |v| State::Present(v.clone())),
+            })
+            .collect()
+    };
+    let deltas_v: Vec<Option<Vec<Entry>>> = (0..trees.len())
+        .map(|i| (i > 0 && deltas && agreed[i - 1].is_some()).then(|| delta_of(i)))
+        .collect();
     let ags: Vec<Option<Vec<(RelPath, Version)>>> = agreed
         .iter()
         .map(|a| {
@@ -821,17 +936,19 @@ fn plan_for(trees: &[Fs], agreed: &[Option<Fs>]) -> Plan {
                 .map(|a| a.iter().map(|(p, v)| (p.clone(), v.clone())).collect())
         })
         .collect();
-    reconcile(&Input {
+    reconcile_t(&TInput {
         hub: &ents[0],
         peers: (1..trees.len())
-            .map(|i| PeerInput {
-                view: Some(View::Full(&ents[i])),
+            .map(|i| TPeer {
+                view: (absent != Some(i)).then(|| match &deltas_v[i] {
+                    Some(d) => View::Delta(d),
+                    None => View::Full(&ents[i]),
+                }),
                 agreed: ags[i - 1].as_deref(),
                 clock_ok: true,
             })
             .collect(),
         mergeable: None,
-        hub_snapshot: None,
     })
 }
 
@@ -925,7 +1042,7 @@ proptest! {
     /// is in the trees or kept as a conflict copy.
     #[test]
     fn random_histories_converge_and_lose_nothing(
-        rounds in prop::collection::vec((edits(), 0..4usize), 1..5),
+        rounds in prop::collection::vec((edits(), 0..4usize, any::<bool>()), 1..5),
         first_sync in any::<bool>(),
     ) {
         let mut trees: Vec<Fs> = vec![Fs::new(), Fs::new(), Fs::new()];
@@ -933,7 +1050,7 @@ proptest! {
             if first_sync { None } else { Some(Fs::new()) };
             2
         ];
-        for (edits, absent) in &rounds {
+        for (edits, absent, deltas) in &rounds {
             for e in edits {
                 edit(&mut trees[replica_of(e)], e);
             }
@@ -950,23 +1067,8 @@ proptest! {
             }
             // Optionally one peer misses this round (absent = 1 or 2).
             let mut present_trees = trees.clone();
-            let plan = if *absent == 1 || *absent == 2 {
-                let gone = *absent;
-                let ents: Vec<Vec<Entry>> = trees.iter().map(|t| t.iter().map(|(p, v)| Entry { path: p.clone(), state: State::Present(v.clone()) }).collect()).collect();
-                let ags: Vec<Option<Vec<(RelPath, Version)>>> = agreed.iter().map(|a| a.as_ref().map(|a| a.iter().map(|(p, v)| (p.clone(), v.clone())).collect())).collect();
-                reconcile(&Input {
-                    hub: &ents[0],
-                    peers: (1..3).map(|i| PeerInput {
-                        view: (i != gone).then_some(View::Full(&ents[i])),
-                        agreed: ags[i - 1].as_deref(),
-                        clock_ok: true,
-                    }).collect(),
-        mergeable: None,
-        hub_snapshot: None,
-    })
-            } else {
-                plan_for(&trees, &agreed)
-            };
+            let gone = (*absent == 1 || *absent == 2).then_some(*absent);
+            let plan = plan_views(&trees, &agreed, gone, *deltas);
             let kept = apply(&plan, &mut present_trees, &mut agreed);
             // A completed run establishes each present pair's agreed state.
             for (i, a) in agreed.iter_mut().enumerate() {
