@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Stat, Timespec, Timestamps};
 
@@ -255,8 +256,31 @@ impl Root {
     /// Makes received data durable: one `syncfs` for a whole batch of files costs
     /// about what one `fsync` does, and it must happen before any rename exposes
     /// them.
-    pub fn sync(&self) -> Result<(), OpError> {
-        Ok(rustix::fs::syncfs(&self.fd)?)
+    /// Starts making everything written so far durable, which must be done before
+    /// a rename exposes a received file. One `syncfs` for a batch costs about what
+    /// one `fsync` does; it runs on another thread so that receiving goes on
+    /// meanwhile. The answer arrives on the returned channel.
+    pub fn start_sync(&self) -> mpsc::Receiver<Result<(), OpError>> {
+        let (tx, rx) = mpsc::channel();
+        match self.fd.try_clone() {
+            Ok(fd) => {
+                let spawned = std::thread::Builder::new()
+                    .name("syncfs".into())
+                    .spawn(move || {
+                        let _ = tx.send(rustix::fs::syncfs(&fd).map_err(OpError::from));
+                    });
+                if let Err(e) = spawned {
+                    // The sender went with the closure: answer here instead.
+                    let (tx, rx2) = mpsc::channel();
+                    let _ = tx.send(Err(OpError::Io(format!("cannot start a thread: {e}"))));
+                    return rx2;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(OpError::Io(format!("cannot sync: {e}"))));
+            }
+        }
+        rx
     }
 
     /// Renames a ready file into place after checking the destination.

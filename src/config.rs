@@ -430,6 +430,13 @@ impl Settings {
                 src.path.display()
             );
         }
+        if peers.len() >= crate::plan::MAX_REPLICAS {
+            bail!(
+                "{} peers given; one hub syncs at most {} (split them among hubs)",
+                peers.len(),
+                crate::plan::MAX_REPLICAS - 1
+            );
+        }
         let deletion_threshold = match &file.deletion_threshold {
             Some(t) if !(0.0..=1.0).contains(t.get_ref()) => {
                 return src.err(

@@ -8,6 +8,147 @@ use serde::Serialize;
 use crate::relpath::RelPath;
 use crate::version::Version;
 
+/// A set of replicas by index, as bits: a plan holds several per path, and a first
+/// sync has a path for every file.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Replicas(u64);
+
+/// The most replicas one run can sync (the hub and 63 peers).
+pub const MAX_REPLICAS: usize = 64;
+
+impl Replicas {
+    pub fn one(r: usize) -> Replicas {
+        let mut s = Replicas::default();
+        s.insert(r);
+        s
+    }
+
+    pub fn insert(&mut self, r: usize) {
+        debug_assert!(r < MAX_REPLICAS);
+        self.0 |= 1 << r;
+    }
+
+    pub fn contains(&self, r: usize) -> bool {
+        r < MAX_REPLICAS && self.0 & (1 << r) != 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
+    /// Members in increasing order.
+    pub fn iter(&self) -> ReplicaIter {
+        ReplicaIter(self.0)
+    }
+
+    pub fn first(&self) -> Option<usize> {
+        (self.0 != 0).then(|| self.0.trailing_zeros() as usize)
+    }
+}
+
+impl FromIterator<usize> for Replicas {
+    fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Replicas {
+        let mut s = Replicas::default();
+        for r in iter {
+            s.insert(r);
+        }
+        s
+    }
+}
+
+impl IntoIterator for &Replicas {
+    type Item = usize;
+    type IntoIter = ReplicaIter;
+    fn into_iter(self) -> ReplicaIter {
+        ReplicaIter(self.0)
+    }
+}
+
+/// The members of a [`Replicas`], lowest first.
+pub struct ReplicaIter(u64);
+
+impl Iterator for ReplicaIter {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let r = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(r)
+    }
+}
+
+impl fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Replicas {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+/// What each replica does for one path, in replica order.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Actions(smallvec::SmallVec<[(u8, Action); 8]>);
+
+impl Actions {
+    pub fn push(&mut self, r: usize, a: Action) {
+        debug_assert!(r < MAX_REPLICAS);
+        self.0.push((r as u8, a));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (usize, Action)> + '_ {
+        self.0.iter().map(|&(r, a)| (r as usize, a))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl FromIterator<(usize, Action)> for Actions {
+    fn from_iter<I: IntoIterator<Item = (usize, Action)>>(iter: I) -> Actions {
+        let mut s = Actions::default();
+        for (r, a) in iter {
+            s.push(r, a);
+        }
+        s
+    }
+}
+
+impl<'a> IntoIterator for &'a Actions {
+    type Item = (usize, Action);
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (u8, Action)>, fn(&(u8, Action)) -> (usize, Action)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|&(r, a)| (r as usize, a))
+    }
+}
+
+impl fmt::Debug for Actions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Actions {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
 /// Replica index of the hub; peers are 1..
 pub const HUB: usize = 0;
 
@@ -46,22 +187,22 @@ pub enum Rule {
 #[serde(tag = "why", rename_all = "snake_case")]
 pub enum Reason {
     /// Changed on these replicas, identically.
-    Changed { on: Vec<usize> },
+    Changed { on: Replicas },
     /// Deleted on these replicas, and changed nowhere else.
-    Deleted { on: Vec<usize> },
+    Deleted { on: Replicas },
     /// Several replicas changed it to the same content with different metadata; the
     /// newest metadata wins and nothing needs keeping.
-    Metadata { on: Vec<usize> },
+    Metadata { on: Replicas },
     /// Nobody changed it; some replicas are behind the hub (they missed an earlier
     /// run) and catch up.
     CatchUp,
     /// Changed differently on several replicas, and merged: the result holds every
     /// line of each of these replicas' versions (computed when the plan runs).
-    Merged { on: Vec<usize> },
+    Merged { on: Replicas },
     /// Changed differently on several replicas.
     Conflict {
         winner: usize,
-        losers: Vec<usize>,
+        losers: Replicas,
         rule: Rule,
     },
 }
@@ -76,13 +217,13 @@ pub struct Item {
     /// The replica to copy file content from, when some action needs it.
     pub source: Option<usize>,
     /// What each replica does, in replica order.
-    pub actions: Vec<(usize, Action)>,
+    pub actions: Actions,
     /// Peers whose agreed state for this path becomes `result` once the actions on
     /// the hub and on that peer have succeeded.
-    pub agree: Vec<usize>,
+    pub agree: Replicas,
     /// For a merge: the versions whose lines make the result, and where they are.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub merge: Vec<(usize, Version)>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub merge: Box<[(usize, Version)]>,
 }
 
 /// Everything one run would do.
@@ -100,7 +241,7 @@ impl Plan {
         self.items
             .iter()
             .flat_map(|i| i.actions.iter())
-            .filter(|(x, a)| *x == r && pred(*a))
+            .filter(|&(x, a)| x == r && pred(a))
             .count()
     }
 
@@ -144,16 +285,16 @@ impl fmt::Display for PlanDisplay<'_> {
                 (Some(v), _) => v.kind.name().to_string(),
             };
             let why = match &item.reason {
-                Reason::Changed { on } => format!("changed on {}", self.names(on.iter().copied())),
-                Reason::Deleted { on } => format!("deleted on {}", self.names(on.iter().copied())),
+                Reason::Changed { on } => format!("changed on {}", self.names(on.iter())),
+                Reason::Deleted { on } => format!("deleted on {}", self.names(on.iter())),
                 Reason::Metadata { on } => format!(
                     "same content, metadata changed on {}; newest wins",
-                    self.names(on.iter().copied())
+                    self.names(on.iter())
                 ),
                 Reason::CatchUp => "catching up with the hub".to_string(),
                 Reason::Merged { on } => format!(
                     "changed on {}; their lines are merged",
-                    self.names(on.iter().copied())
+                    self.names(on.iter())
                 ),
                 Reason::Conflict {
                     winner,
@@ -169,12 +310,12 @@ impl fmt::Display for PlanDisplay<'_> {
                     format!(
                         "CONFLICT: {} wins ({rule}) over {}",
                         self.names([*winner]),
-                        self.names(losers.iter().copied())
+                        self.names(losers.iter())
                     )
                 }
             };
             writeln!(f, "{}  [{what}; {why}]", item.path)?;
-            for (r, a) in &item.actions {
+            for (r, a) in item.actions.iter() {
                 let from = match (a, item.source) {
                     (Action::Create | Action::Replace | Action::KeepAndReplace, Some(s)) => {
                         format!(" from {}", self.names([s]))
@@ -190,7 +331,7 @@ impl fmt::Display for PlanDisplay<'_> {
                     Action::Remove => "remove",
                     Action::SetMeta => "set mode/mtime",
                 };
-                writeln!(f, "    {}: {a}{from}", self.names([*r]))?;
+                writeln!(f, "    {}: {a}{from}", self.names([r]))?;
             }
         }
         for (p, why) in &self.plan.skipped {

@@ -22,7 +22,7 @@ use smallvec::SmallVec;
 
 use crate::agreed::{OldCache, lookup, sorted_union};
 use crate::archive::CacheEntry;
-use crate::plan::{Action, HUB, Item, Plan, Reason, Rule};
+use crate::plan::{Action, Actions, HUB, Item, Plan, Reason, Replicas, Rule};
 use crate::relpath::RelPath;
 use crate::version::{Entry, Kind, State, Version};
 
@@ -266,8 +266,9 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
     while !stack.is_empty() {
         settle(&mut stack, &mut plan, &ctx);
     }
-    // Settling emits children before parents; present the plan in path order.
-    plan.items.sort_by(|a, b| a.path.cmp(&b.path));
+    // Settling emits children before parents; present the plan in path order
+    // (paths are unique, and an unstable sort needs no second copy of the items).
+    plan.items.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     plan.skipped.sort_by(|a, b| a.0.cmp(&b.0));
     plan
 }
@@ -356,9 +357,13 @@ fn decide<'a>(row: Row<'a>, clock_ok: &[bool], mergeable: bool) -> Option<Decisi
         // decision is the same either way).
         let own = (1..n).all(|i| !taking_part(i) || hub_changed_vs(i));
         let reason = if own && h.version().is_some() {
-            Reason::Changed { on: vec![HUB] }
+            Reason::Changed {
+                on: Replicas::one(HUB),
+            }
         } else if own {
-            Reason::Deleted { on: vec![HUB] }
+            Reason::Deleted {
+                on: Replicas::one(HUB),
+            }
         } else {
             Reason::CatchUp
         };
@@ -392,7 +397,7 @@ fn resolve<'a>(
     version_of: impl Fn(usize) -> Option<&'a Version>,
     mergeable: bool,
 ) -> (Option<Version>, Reason) {
-    let holders = |pred: &dyn Fn(Option<&Version>) -> bool| -> Vec<usize> {
+    let holders = |pred: &dyn Fn(Option<&Version>) -> bool| -> Replicas {
         candidates
             .iter()
             .copied()
@@ -484,7 +489,7 @@ fn force_directory(d: &mut Decision<'_>) {
             .and_then(St::version)
             .is_some_and(Version::is_dir)
     };
-    let losers: Vec<usize> = d
+    let losers: Replicas = d
         .candidates
         .iter()
         .copied()
@@ -493,7 +498,7 @@ fn force_directory(d: &mut Decision<'_>) {
     if !losers.is_empty() {
         let deleted_only = losers
             .iter()
-            .all(|&r| d.row.states[r].and_then(St::version).is_none());
+            .all(|r| d.row.states[r].and_then(St::version).is_none());
         d.reason = Reason::Conflict {
             winner: (0..d.row.states.len())
                 .find(|&r| holds_dir(r))
@@ -517,7 +522,7 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
         return;
     }
     let result = d.result;
-    let mut actions = Vec::new();
+    let mut actions = Actions::default();
     for (r, st) in d.row.states.iter().enumerate() {
         let Some(cur) = st.map(St::version) else {
             continue;
@@ -537,7 +542,7 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
             (Some(_), Some(_)) if d.candidates.contains(&r) => Action::KeepAndReplace,
             (Some(_), Some(_)) => Action::Replace,
         };
-        actions.push((r, action));
+        actions.push(r, action);
     }
     let needs_bytes = actions
         .iter()
@@ -552,7 +557,7 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
             .position(|s| s.and_then(St::version).is_some_and(|v| v.same_content(res))),
         _ => None,
     };
-    let agree: Vec<usize> = (1..d.row.states.len())
+    let agree: Replicas = (1..d.row.states.len())
         .filter(|&i| d.row.states[i].is_some())
         .filter(|&i| match d.row.agreed[i] {
             None => result.is_some(),
@@ -565,7 +570,7 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
     let merge = match &d.reason {
         Reason::Merged { on } => on
             .iter()
-            .filter_map(|&r| {
+            .filter_map(|r| {
                 d.row.states[r]
                     .and_then(St::version)
                     .map(|v| (r, v.clone()))
@@ -580,7 +585,7 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
         source,
         actions,
         agree,
-        merge,
+        merge: merge.into(),
     });
 }
 

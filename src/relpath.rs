@@ -12,14 +12,18 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use bincode::de::{BorrowDecoder, Decoder};
 use bincode::enc::Encoder;
 use bincode::error::{DecodeError, EncodeError};
 
 /// A normalized, non-empty, `/`-separated path relative to a replica root.
+///
+/// Shared (`Arc`): one path appears in a scan, a plan, the operations that carry it
+/// out and the agreed state; copies cost a reference count, not an allocation.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct RelPath(Box<[u8]>);
+pub struct RelPath(Arc<[u8]>);
 
 impl Ord for RelPath {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
@@ -74,7 +78,7 @@ impl RelPath {
         {
             return Err(PathError::BadComponent(lossy()));
         }
-        Ok(RelPath(bytes.into_boxed_slice()))
+        Ok(RelPath(Arc::from(bytes)))
     }
 
     /// Builds a `RelPath` from a filesystem path relative to a root.

@@ -62,12 +62,38 @@ pub struct RunReport {
     pub result: &'static str,
     pub exit_code: i32,
     pub seconds: f64,
+    /// The hub process's peak resident memory, in bytes.
+    pub peak_memory: Option<u64>,
     pub replicas: Vec<ReplicaReport>,
     pub conflicts: Vec<ConflictReport>,
     pub warnings: Vec<String>,
     pub errors: Vec<String>,
+    /// What was done where, for `-v` (kept only then: a first sync has one per
+    /// file and replica).
     #[serde(skip)]
-    pub actions: Vec<String>,
+    pub actions: Vec<Done>,
+    #[serde(skip)]
+    pub keep_actions: bool,
+}
+
+/// One action carried out.
+#[derive(Clone, Debug)]
+pub struct Done {
+    pub replica: usize,
+    pub action: Action,
+    pub path: crate::relpath::RelPath,
+}
+
+impl Done {
+    fn verb(&self) -> &'static str {
+        match self.action {
+            Action::Remove => "removed",
+            Action::SetMeta => "metadata",
+            Action::Create => "created",
+            Action::Replace => "replaced",
+            Action::KeepAndReplace => "replaced (its own version kept as a conflict copy)",
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -94,9 +120,9 @@ struct JsonDoc<'a> {
 }
 
 fn reason_text(r: &Reason, labels: &[String]) -> String {
-    let names = |v: &[usize]| {
+    let names = |v: &crate::plan::Replicas| {
         v.iter()
-            .map(|&i| labels.get(i).map(String::as_str).unwrap_or("?"))
+            .map(|i| labels.get(i).map(String::as_str).unwrap_or("?"))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -112,7 +138,7 @@ fn reason_text(r: &Reason, labels: &[String]) -> String {
             rule,
         } => format!(
             "conflict: {} wins over {} ({rule:?})",
-            names(&[*winner]),
+            names(&crate::plan::Replicas::one(*winner)),
             names(losers)
         ),
     }
@@ -167,7 +193,8 @@ impl RunReport {
         }
         if verbosity == Verbosity::Verbose && !self.dry_run {
             for a in &self.actions {
-                let _ = writeln!(out, "{a}");
+                let label = labels.get(a.replica).map(String::as_str).unwrap_or("?");
+                let _ = writeln!(out, "{label}: {} {}", a.verb(), a.path);
             }
         }
         let _ = out.flush();
@@ -212,7 +239,7 @@ impl RunReport {
                         actions: i
                             .actions
                             .iter()
-                            .map(|&(r, action)| JsonAction {
+                            .map(|(r, action)| JsonAction {
                                 replica: name(r),
                                 action,
                             })

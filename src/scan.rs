@@ -144,13 +144,14 @@ pub fn check_root(root: &Path) -> Result<()> {
     }
 }
 
-/// Scans `root`, reusing hashes from `cache` (sorted, as loaded). `now` is the scan's
+/// Scans `root`, reusing hashes from `cache` (sorted, as loaded; `None` when there
+/// is none). `now` is the scan's
 /// start time, used only to decide which hashes are safe to trust next time.
 /// `clean_temps` removes temp files a crashed run left behind.
 pub fn scan(
     root: &Path,
     excludes: &Excludes,
-    cache: Vec<CacheEntry>,
+    cache: Option<Vec<CacheEntry>>,
     now: Mtime,
     clean_temps: bool,
     progress: Option<&Progress>,
@@ -160,6 +161,10 @@ pub fn scan(
     check_root(root)?;
     let mut snap = Snapshot::default();
     let mut todo: Vec<usize> = Vec::new();
+    // Without a cache there is nothing to be different from (and no agreed state
+    // can refer to it): a first scan lists no changes rather than every path.
+    let track_changes = cache.is_some();
+    let cache = cache.unwrap_or_default();
     let cache_len = cache.len();
     let mut reused_exact = 0usize;
     // Cache entries not carried over unchanged, and paths new to the cache: where
@@ -451,19 +456,22 @@ pub fn scan(
             gone.binary_search(&(i - 1)).is_err()
         });
     }
+    // Paths are unique: an unstable sort needs no second copy of the entries.
     if !snap.entries.is_sorted_by(|a, b| a.path < b.path) {
-        snap.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        snap.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     }
     snap.skipped.sort_by(|a, b| a.0.cmp(&b.0));
     snap.cache_changed = reused_exact != snap.entries.len() || cache_len != snap.entries.len();
-    for (p, old) in olds {
-        if !snap.get(&p).is_some_and(|e| e.version.same(&old)) {
-            snap.changes.push((p, Some(old)));
+    if track_changes {
+        for (p, old) in olds {
+            if !snap.get(&p).is_some_and(|e| e.version.same(&old)) {
+                snap.changes.push((p, Some(old)));
+            }
         }
-    }
-    for p in news {
-        if snap.get(&p).is_some() {
-            snap.changes.push((p, None));
+        for p in news {
+            if snap.get(&p).is_some() {
+                snap.changes.push((p, None));
+            }
         }
     }
     snap.changes.sort_by(|a, b| a.0.cmp(&b.0));
@@ -551,7 +559,15 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     fn scan_dir(root: &Path, cache: Vec<CacheEntry>) -> Snapshot {
-        scan(root, &Excludes::default(), cache, Mtime::now(), true, None).unwrap()
+        scan(
+            root,
+            &Excludes::default(),
+            Some(cache),
+            Mtime::now(),
+            true,
+            None,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -627,7 +643,7 @@ mod tests {
         std::fs::write(r.join("cache/x/f"), "x").unwrap();
         std::fs::write(r.join("keep"), "x").unwrap();
         let ex = Excludes::new(&["cache".to_string()]).unwrap();
-        let s = scan(r, &ex, vec![], Mtime::now(), false, None).unwrap();
+        let s = scan(r, &ex, None, Mtime::now(), false, None).unwrap();
         let paths: Vec<String> = s.entries.iter().map(|e| e.path.to_string()).collect();
         assert_eq!(paths, ["keep"]);
     }

@@ -15,7 +15,7 @@ use std::io::{self, BufReader, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -32,9 +32,10 @@ use crate::relpath::RelPath;
 use crate::scan::{self, Snapshot};
 use crate::version::{Entry, Mtime, State, Version};
 
-/// A batch of received files is installed once it holds this many files or bytes.
-const BATCH_FILES: usize = 512;
-const BATCH_BYTES: u64 = 64 << 20;
+/// Received files waiting for a sync are bounded: past this many files or
+/// bytes, receiving waits for the sync in progress.
+const MAX_READY_FILES: usize = 4096;
+const MAX_READY_BYTES: u64 = 256 << 20;
 /// Entries are sent in frames of about this size.
 const ENTRIES_FRAME: usize = 1 << 20;
 
@@ -48,6 +49,24 @@ pub fn state_dir(root: &Path) -> PathBuf {
 pub enum Flow {
     Continue,
     Close,
+}
+
+/// A received file, with the request id and conditions of its installation.
+type ReadyFile = (u32, Ready, Expect, Option<String>);
+
+/// Received files whose sync is running; they are renamed into place after it.
+struct Syncing {
+    batch: Vec<ReadyFile>,
+    done: mpsc::Receiver<Result<(), OpError>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Install {
+    /// Install what is synced, start syncing what is not; never wait unless the
+    /// received files reach their bound.
+    Poll,
+    /// Wait until every received file is installed.
+    All,
 }
 
 struct Session {
@@ -71,8 +90,10 @@ struct Session {
     /// What we changed this session, for the scan cache (`None`: removed).
     applied: BTreeMap<RelPath, Option<CacheEntry>>,
     incoming: HashMap<u32, (Incoming, Expect, Option<String>)>,
-    ready: Vec<(u32, Ready, Expect, Option<String>)>,
+    /// Received files not yet part of a sync.
+    ready: Vec<ReadyFile>,
     ready_bytes: u64,
+    syncing: Option<Syncing>,
     reading: Option<(RelPath, File)>,
     commit: Vec<(RelPath, Option<Version>)>,
     commit_reset: bool,
@@ -145,10 +166,16 @@ impl Server {
         Flow::Continue
     }
 
-    /// Called when no request is waiting: installs what has been received.
-    pub fn idle(&mut self, out: &mut dyn FnMut(Response)) {
-        if let Some(s) = self.session.as_mut() {
-            s.flush_ready(out);
+    /// Called when no request is waiting: installs what has been received and
+    /// synced. Returns whether received files are still waiting for their sync;
+    /// then the caller waits for requests only briefly and calls again.
+    pub fn idle(&mut self, out: &mut dyn FnMut(Response)) -> bool {
+        match self.session.as_mut() {
+            Some(s) => {
+                s.install_ready(out, Install::Poll);
+                s.installing()
+            }
+            None => false,
         }
     }
 
@@ -231,6 +258,7 @@ impl Server {
             incoming: HashMap::new(),
             ready: Vec::new(),
             ready_bytes: 0,
+            syncing: None,
             reading: None,
             commit: Vec::new(),
             commit_reset: false,
@@ -277,7 +305,8 @@ impl Server {
         let Some(mut s) = self.session.take() else {
             return;
         };
-        s.flush_ready(out);
+        s.install_ready(out, Install::All);
+        crate::trace!("serve: finishing; {}", crate::util::memory());
         if let Some(r) = s.retention.filter(|_| !s.dry_run) {
             crate::conflicts::prune(&self.root, r);
         }
@@ -389,7 +418,7 @@ impl Session {
                         }
                     }
                     op => {
-                        self.flush_ready(out);
+                        self.install_ready(out, Install::All);
                         let result = self.apply(op);
                         out(Response::Done { id, result });
                     }
@@ -408,9 +437,7 @@ impl Session {
                     Ok(ready) => {
                         self.ready_bytes += ready.version.size();
                         self.ready.push((id, ready, expect, keep));
-                        if self.ready.len() >= BATCH_FILES || self.ready_bytes >= BATCH_BYTES {
-                            self.flush_ready(out);
-                        }
+                        self.install_ready(out, Install::Poll);
                     }
                     Err(e) => out(Response::Done { id, result: Err(e) }),
                 }
@@ -429,12 +456,18 @@ impl Session {
                 token,
                 reset,
             } => {
-                self.flush_ready(out);
+                self.install_ready(out, Install::All);
                 if reset {
                     self.commit.clear();
                     self.commit_reset = true;
                 }
-                self.commit.extend(changes);
+                // Mostly paths this session just wrote: share their names rather
+                // than keep a second copy of each (a first sync commits every file).
+                let applied = &self.applied;
+                self.commit.extend(changes.into_iter().map(|(p, v)| {
+                    let p = applied.get_key_value(&p).map_or(p, |(k, _)| k.clone());
+                    (p, v)
+                }));
                 if let Some(token) = token {
                     // Kept in memory and written with the scan cache when the
                     // session ends: the record is relative to the cache saved then.
@@ -463,11 +496,11 @@ impl Session {
             self.root.path().display()
         );
         let (generation, cache) = match archive::load_scan_cache(cache_path) {
-            Ok((g, c)) => (Some(g), c),
-            Err(StateError::Missing { .. }) => (None, Vec::new()),
+            Ok((g, c)) => (Some(g), Some(c)),
+            Err(StateError::Missing { .. }) => (None, None),
             Err(e) => {
                 out(Response::Warning(format!("{e}; hashing every file again")));
-                (None, Vec::new())
+                (None, None)
             }
         };
         if generation != self.cache_gen {
@@ -478,7 +511,10 @@ impl Session {
             self.pair_shared = false;
         }
         self.cache_gen = generation;
-        crate::trace!("serve: cache loaded ({} entries)", cache.len());
+        crate::trace!(
+            "serve: cache loaded ({} entries)",
+            cache.as_ref().map_or(0, Vec::len)
+        );
         let mut snap = match scan::scan(
             self.root.path(),
             &self.excludes,
@@ -716,14 +752,52 @@ impl Session {
         Ok(())
     }
 
-    /// Installs every received file: one sync for all of them, then the renames.
-    fn flush_ready(&mut self, out: &mut dyn FnMut(Response)) {
-        if self.ready.is_empty() {
-            return;
+    /// Moves received files towards their real names: a batch whose sync has
+    /// finished is renamed into place, and the files received meanwhile start their
+    /// own sync, so that syncing overlaps receiving. `Install::All` waits until
+    /// every received file is installed.
+    fn install_ready(&mut self, out: &mut dyn FnMut(Response), how: Install) {
+        loop {
+            if let Some(syncing) = &self.syncing {
+                let full =
+                    self.ready.len() >= MAX_READY_FILES || self.ready_bytes >= MAX_READY_BYTES;
+                let result = if how == Install::All || full {
+                    syncing.done.recv()
+                } else {
+                    match syncing.done.try_recv() {
+                        Ok(r) => Ok(r),
+                        Err(mpsc::TryRecvError::Empty) => return,
+                        Err(mpsc::TryRecvError::Disconnected) => Err(mpsc::RecvError),
+                    }
+                };
+                let result =
+                    result.unwrap_or_else(|_| Err(OpError::Io("the sync thread died".into())));
+                let batch = self.syncing.take().map(|s| s.batch).unwrap_or_default();
+                self.install_batch(batch, result, out);
+            }
+            if self.ready.is_empty() {
+                return;
+            }
+            crate::trace!("syncing {} files", self.ready.len());
+            self.syncing = Some(Syncing {
+                batch: std::mem::take(&mut self.ready),
+                done: self.root.start_sync(),
+            });
+            self.ready_bytes = 0;
+            if how == Install::Poll {
+                return;
+            }
         }
-        let batch = std::mem::take(&mut self.ready);
-        self.ready_bytes = 0;
-        if let Err(e) = self.root.sync() {
+    }
+
+    /// Renames a synced batch into place (or drops it if the sync failed).
+    fn install_batch(
+        &mut self,
+        batch: Vec<ReadyFile>,
+        synced: Result<(), OpError>,
+        out: &mut dyn FnMut(Response),
+    ) {
+        if let Err(e) = synced {
             for (id, ready, _, _) in batch {
                 self.root.discard(ready);
                 out(Response::Done {
@@ -758,6 +832,11 @@ impl Session {
             });
             out(Response::Done { id, result });
         }
+    }
+
+    /// Whether received files are still waiting for a sync to finish.
+    fn installing(&self) -> bool {
+        self.syncing.is_some() || !self.ready.is_empty()
     }
 }
 
@@ -942,6 +1021,24 @@ impl Output {
     }
 }
 
+/// How long a loop waits for a request before looking again at files being synced.
+pub const POLL_INSTALL: Duration = Duration::from_millis(2);
+
+/// Whether standard input has something to read (or is closed) within `wait`.
+fn stdin_readable(wait: Duration) -> bool {
+    let stdin = io::stdin();
+    let mut fds = [rustix::event::PollFd::new(
+        &stdin,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: wait.as_nanos() as _,
+    };
+    // On error, let the read that follows report it.
+    rustix::event::poll(&mut fds, Some(&timeout)).map_or(true, |n| n > 0)
+}
+
 fn lock(o: &Mutex<Output>) -> std::sync::MutexGuard<'_, Output> {
     o.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -995,13 +1092,19 @@ pub fn serve(root: &Path) -> Result<()> {
         loop {
             if input.buffer().is_empty() {
                 busy.store(true, Ordering::Relaxed);
-                server.idle(&mut |r| lock(&output).send(&r));
-                let mut o = lock(&output);
-                o.flush();
-                busy.store(false, Ordering::Relaxed);
-                if let Some(e) = o.error.take() {
-                    return Err(e.into());
+                loop {
+                    let installing = server.idle(&mut |r| lock(&output).send(&r));
+                    let mut o = lock(&output);
+                    o.flush();
+                    if let Some(e) = o.error.take() {
+                        return Err(e.into());
+                    }
+                    drop(o);
+                    if !installing || stdin_readable(POLL_INSTALL) {
+                        break;
+                    }
                 }
+                busy.store(false, Ordering::Relaxed);
             }
             let req: Request = match proto::read_frame(&mut input) {
                 Ok((r, _)) => r,
@@ -1023,6 +1126,7 @@ pub fn serve(root: &Path) -> Result<()> {
         }
     })();
     server.finish(&mut |r| lock(&output).send(&r));
+    crate::trace!("serve: done; {}", crate::util::memory());
     stop.store(true, Ordering::Relaxed);
     keepalive.thread().unpark();
     let _ = keepalive.join();

@@ -38,6 +38,9 @@ pub struct LastRun {
     pub started: f64,
     pub finished: f64,
     pub seconds: f64,
+    /// The hub's peak resident memory, in bytes.
+    #[serde(default)]
+    pub peak_memory: Option<u64>,
     /// `ok`, `partial` or `failed`.
     pub result: String,
     pub exit_code: i32,
@@ -129,6 +132,7 @@ impl Status {
             started: unix(started),
             finished: unix(finished),
             seconds: report.seconds,
+            peak_memory: report.peak_memory,
             result: report.result.to_string(),
             exit_code: report.exit_code,
             conflicts: report.conflicts.clone(),
@@ -333,6 +337,15 @@ impl Status {
             "gauge",
             "How long the last run took.",
             vec![(String::new(), run.seconds)],
+        );
+        family(
+            "hubsync_last_run_peak_memory_bytes",
+            "gauge",
+            "The hub's peak resident memory during the last run.",
+            run.peak_memory
+                .map(|b| (String::new(), b as f64))
+                .into_iter()
+                .collect(),
         );
         family(
             "hubsync_last_run_success",

@@ -79,20 +79,68 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
-/// Whether `HUBSYNC_TRACE` asks for a trace of what a run does, with timings (a
-/// debugging aid: it goes to stderr and is not a stable format).
-pub fn tracing() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("HUBSYNC_TRACE").is_some())
+/// Where `HUBSYNC_TRACE` asks for a trace of what a run does, with timings (a
+/// debugging aid, not a stable format): an absolute path appends to that file
+/// (the way to trace a `serve`, whose stderr the hub keeps), anything else means
+/// stderr.
+fn trace_sink() -> Option<&'static std::sync::Mutex<Box<dyn Write + Send>>> {
+    static SINK: std::sync::OnceLock<Option<std::sync::Mutex<Box<dyn Write + Send>>>> =
+        std::sync::OnceLock::new();
+    SINK.get_or_init(|| {
+        let v = std::env::var_os("HUBSYNC_TRACE")?;
+        let w: Box<dyn Write + Send> = if Path::new(&v).is_absolute() {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&v);
+            Box::new(f.ok()?)
+        } else {
+            Box::new(std::io::stderr())
+        };
+        Some(std::sync::Mutex::new(w))
+    })
+    .as_ref()
 }
 
-/// Milliseconds since the process started, for traces.
-pub fn trace_ms() -> u128 {
+pub fn tracing() -> bool {
+    trace_sink().is_some()
+}
+
+/// Writes one trace line (see [`trace!`]).
+pub fn trace_line(args: std::fmt::Arguments) {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
+    let ms = START
         .get_or_init(std::time::Instant::now)
         .elapsed()
-        .as_millis()
+        .as_millis();
+    if let Some(sink) = trace_sink() {
+        // One write per line: several processes may append to one file.
+        let line = format!("[{} {ms:>5} ms] {args}\n", std::process::id());
+        let mut w = sink.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.write_all(line.as_bytes());
+    }
+}
+
+/// This process's peak resident memory so far, in bytes (Linux; `None` elsewhere).
+pub fn peak_rss() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// Resident memory now and at its peak, for traces.
+pub fn memory() -> String {
+    let mb = |v: Option<u64>| v.map_or("?".into(), |b| format!("{:.1} MB", b as f64 / 1e6));
+    format!(
+        "memory {} (peak {})",
+        mb(proc_status_bytes("VmRSS:")),
+        mb(peak_rss())
+    )
+}
+
+fn proc_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Prints a trace line when `HUBSYNC_TRACE` is set.
@@ -100,7 +148,7 @@ pub fn trace_ms() -> u128 {
 macro_rules! trace {
     ($($arg:tt)*) => {
         if $crate::util::tracing() {
-            eprintln!("[{} {:>5} ms] {}", std::process::id(), $crate::util::trace_ms(), format!($($arg)*));
+            $crate::util::trace_line(format_args!($($arg)*));
         }
     };
 }

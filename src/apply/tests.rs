@@ -25,7 +25,7 @@ fn root(dir: &Path) -> Root {
 }
 
 fn scanned(dir: &Path, path: &str) -> Option<CacheEntry> {
-    let snap = scan(dir, &Excludes::default(), vec![], Mtime::now(), false, None).unwrap();
+    let snap = scan(dir, &Excludes::default(), None, Mtime::now(), false, None).unwrap();
     snap.get(&rp(path)).cloned()
 }
 
@@ -40,7 +40,7 @@ fn put(
     let mut inc = r.begin_put(&rp(path), v.clone())?;
     inc.write(content);
     let ready = r.finish_put(inc)?;
-    r.sync()?;
+    r.start_sync().recv().expect("sync thread")?;
     r.install(ready, scanned, keep)
 }
 

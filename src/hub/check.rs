@@ -70,7 +70,7 @@ pub fn check(s: &Settings) -> Vec<CheckLine> {
         }
     }
 
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(1024);
     let mut conns: Vec<Conn> = Vec::new();
     for (i, p) in s.peers.iter().enumerate() {
         let connect: Box<dyn FnOnce() -> Result<transport::Link, String> + Send> =

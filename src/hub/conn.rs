@@ -9,7 +9,7 @@
 use std::io::{BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,9 +45,12 @@ pub struct Conn {
     next_id: u32,
 }
 
-fn data_len(r: &Request) -> u64 {
+/// What a request counts for in a peer's `queued` bytes until it is handed over:
+/// file data, and commit frames (about their encoded size); `Drained` reports it.
+pub fn queued_cost(r: &Request) -> u64 {
     match r {
         Request::Data { bytes, .. } => bytes.len() as u64,
+        Request::Commit { changes, .. } => 128 * changes.len() as u64,
         _ => 0,
     }
 }
@@ -60,7 +63,7 @@ impl Conn {
         root: PathBuf,
         state_dir: PathBuf,
         slot: crate::server::SnapshotSlot,
-        events: Sender<Incoming>,
+        events: SyncSender<Incoming>,
     ) -> Conn {
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
@@ -75,19 +78,25 @@ impl Conn {
                         event: Event::Response(r),
                     });
                 };
-                loop {
+                'serve: loop {
                     let req = match rx.try_recv() {
                         Ok(r) => r,
-                        Err(TryRecvError::Empty) => {
-                            server.idle(&mut out);
-                            match rx.recv() {
-                                Ok(r) => r,
-                                Err(_) => break,
+                        Err(TryRecvError::Empty) => loop {
+                            let installing = server.idle(&mut out);
+                            let next = if installing {
+                                rx.recv_timeout(crate::server::POLL_INSTALL)
+                            } else {
+                                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                            };
+                            match next {
+                                Ok(r) => break r,
+                                Err(RecvTimeoutError::Timeout) => continue,
+                                Err(RecvTimeoutError::Disconnected) => break 'serve,
                             }
-                        }
+                        },
                         Err(TryRecvError::Disconnected) => break,
                     };
-                    let drained = data_len(&req);
+                    let drained = queued_cost(&req);
                     let flow = server.handle(req, &mut out);
                     if drained > 0 {
                         let _ = events.send(Incoming {
@@ -114,7 +123,7 @@ impl Conn {
     pub fn connect(
         replica: usize,
         label: String,
-        events: Sender<Incoming>,
+        events: SyncSender<Incoming>,
         connect: Box<dyn FnOnce() -> Result<Link, String> + Send>,
     ) -> Conn {
         let (tx, rx) = mpsc::channel::<Request>();
@@ -236,7 +245,7 @@ fn read_loop(
     reader: Box<dyn std::io::Read + Send>,
     replica: usize,
     received: Arc<AtomicU64>,
-    events: Sender<Incoming>,
+    events: SyncSender<Incoming>,
 ) {
     let mut r = BufReader::with_capacity(1 << 20, reader);
     let event = match proto::read_greeting(&mut r) {
@@ -263,7 +272,7 @@ fn write_loop(
     rx: Receiver<Request>,
     replica: usize,
     sent: Arc<AtomicU64>,
-    events: Sender<Incoming>,
+    events: SyncSender<Incoming>,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, writer);
     let fail = |e: String| {
@@ -289,7 +298,7 @@ fn write_loop(
             }
             Err(TryRecvError::Disconnected) => break,
         };
-        let drained = data_len(&req);
+        let drained = queued_cost(&req);
         match proto::write_frame(&mut w, &req) {
             Ok(n) => {
                 sent.fetch_add(n as u64, Ordering::Relaxed);

@@ -20,14 +20,17 @@ use crate::version::Version;
 
 use super::Run;
 
-/// Bytes requested from sources and not yet handed to destinations' pipes.
-const IN_FLIGHT: u64 = 8 << 20;
+/// Bytes requested from sources and not yet handed to destinations' pipes (more
+/// does not move data faster here, and it is memory held at the run's peak).
+const IN_FLIGHT: u64 = 1 << 20;
 /// Files being received by destinations at once.
 const MAX_ACTIVE: usize = 128;
 /// Outstanding chunk requests per file.
 const READ_AHEAD: usize = 4;
 /// Agreed-state changes per commit frame.
 const COMMIT_CHUNK: usize = 4096;
+/// Commit frames queued for one peer, at most (in `queued_cost` units).
+const COMMIT_QUEUED: u64 = 1 << 20;
 
 struct Task {
     item: usize,
@@ -35,10 +38,21 @@ struct Task {
     action: Action,
     phase: u8,
     id: u32,
-    op: Option<Op>,
-    outcome: Option<Result<(), OpError>>,
+    /// A file whose bytes arrive later (its operation is sent with the transfer).
+    put_file: bool,
+    sent: bool,
     /// Counted in the replica's `pending` (it owes us an answer for it).
     counted: bool,
+    outcome: Outcome,
+}
+
+/// How a task ended; the errors live in `Exec::errors` (tasks are many and mostly
+/// succeed, so each stays small).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Pending,
+    Ok,
+    Failed(u32),
 }
 
 struct Transfer {
@@ -48,9 +62,36 @@ struct Transfer {
     next: u64,
     received: u64,
     outstanding: usize,
-    dests: Vec<usize>,
+    dests: smallvec::SmallVec<[usize; 2]>,
     started: bool,
     done: bool,
+}
+
+/// A transfer not started yet. A first sync queues one per file, so it is kept
+/// small: its destinations are found again among the item's tasks, which are
+/// consecutive from `first_task`.
+#[derive(Clone, Copy)]
+struct Queued {
+    item: u32,
+    first_task: u32,
+    source: u32,
+}
+
+impl Exec {
+    fn queued_dests(&self, q: Queued) -> smallvec::SmallVec<[usize; 2]> {
+        let item = q.item as usize;
+        (q.first_task as usize..self.tasks.len())
+            .take_while(|&t| self.tasks[t].item == item)
+            .filter(|&t| self.tasks[t].put_file)
+            .collect()
+    }
+
+    fn queued_size(&self, q: Queued) -> u64 {
+        self.plan.items[q.item as usize]
+            .result
+            .as_ref()
+            .map_or(0, |v| v.size())
+    }
 }
 
 /// A merge: read every input version, unite their lines, send the result.
@@ -74,7 +115,11 @@ pub(super) struct Exec {
     tasks: Vec<Task>,
     by_id: HashMap<(usize, u32), Waiting>,
     transfers: Vec<Transfer>,
-    queue: VecDeque<usize>,
+    /// Transfers not started yet; started ones live in `transfers`, whose slots are
+    /// reused once a transfer is done and no read for it is outstanding (so memory
+    /// follows the transfers in flight, not the size of the plan).
+    queue: VecDeque<Queued>,
+    free: Vec<usize>,
     /// Started transfers that are not done (at most `MAX_ACTIVE`).
     active: Vec<usize>,
     in_flight: u64,
@@ -88,16 +133,21 @@ pub(super) struct Exec {
     committed: Vec<bool>,
     /// On a terminal only: bytes delivered of all that must be, rate, ETA.
     progress: Option<indicatif::ProgressBar>,
+    /// The plan being carried out.
+    plan: std::sync::Arc<Plan>,
     merges: Vec<MergeJob>,
     /// The results of merges that were computed, by item.
     merged: HashMap<usize, crate::version::Version>,
+    /// Why tasks failed (`Outcome::Failed` indexes it).
+    errors: Vec<OpError>,
 }
 
 /// What execution did: per plan item, which replicas carried out their action
 /// successfully, and the results of merges (known only once they ran).
 #[derive(Default)]
 pub(super) struct Outcomes {
-    pub ok: Vec<Vec<(usize, bool)>>,
+    /// (item, replica) of every action that did not succeed.
+    pub failed: std::collections::HashSet<(usize, usize)>,
     pub merged: HashMap<usize, crate::version::Version>,
 }
 
@@ -106,66 +156,30 @@ const MAX_MERGE: u64 = 64 << 20;
 
 impl Run<'_> {
     /// Executes `plan`; returns per item which replicas succeeded.
-    pub(super) fn execute(&mut self, plan: &Plan) -> Outcomes {
+    pub(super) fn execute(&mut self, plan: &std::sync::Arc<Plan>) -> Outcomes {
         let n = self.reps.len();
         let mut ex = Exec {
             later: vec![Vec::new(); n],
             earlier_left: vec![0; n],
             committed: vec![false; n],
+            plan: plan.clone(),
             ..Default::default()
         };
         for (ii, item) in plan.items.iter().enumerate() {
             let mut file_dests = Vec::new();
-            for &(r, action) in &item.actions {
+            for (r, action) in &item.actions {
                 if !self.reps[r].taking_part() {
                     continue;
                 }
-                let keep = (action == Action::KeepAndReplace).then(|| self.keep_suffix(r));
-                let expect = if action == Action::Create {
-                    Expect::Absent
-                } else {
-                    Expect::Scanned
-                };
-                let path = item.path.clone();
-                let (phase, op) = match (&item.result, action) {
-                    (None, _) => (0, Op::Remove { path }),
-                    (Some(v), Action::SetMeta) => (
-                        if v.is_dir() { 3 } else { 2 },
-                        Op::SetMeta {
-                            path,
-                            version: v.clone(),
-                        },
-                    ),
+                let (phase, put_file) = match (&item.result, action) {
+                    (None, _) => (0, false),
+                    (Some(v), Action::SetMeta) => (if v.is_dir() { 3 } else { 2 }, false),
                     (Some(v), _) => match v.kind {
-                        Kind::Dir => (
-                            1,
-                            Op::Mkdir {
-                                path,
-                                version: v.clone(),
-                                expect,
-                                keep,
-                            },
-                        ),
-                        Kind::Symlink { .. } => (
-                            2,
-                            Op::PutSymlink {
-                                path,
-                                version: v.clone(),
-                                expect,
-                                keep,
-                            },
-                        ),
+                        Kind::Dir => (1, false),
+                        Kind::Symlink { .. } => (2, false),
                         Kind::File { .. } => {
                             file_dests.push(ex.tasks.len());
-                            (
-                                2,
-                                Op::PutFile {
-                                    path,
-                                    version: v.clone(),
-                                    expect,
-                                    keep,
-                                },
-                            )
+                            (2, true)
                         }
                     },
                 };
@@ -180,8 +194,9 @@ impl Run<'_> {
                     action,
                     phase,
                     id,
-                    op: Some(op),
-                    outcome: None,
+                    put_file,
+                    sent: false,
+                    outcome: Outcome::Pending,
                     counted: false,
                 });
             }
@@ -193,7 +208,7 @@ impl Run<'_> {
                 if ok {
                     ex.merges.push(MergeJob {
                         item: ii,
-                        inputs: item.merge.clone(),
+                        inputs: item.merge.to_vec(),
                         bufs: vec![Vec::new(); item.merge.len()],
                         outstanding: 0,
                         dests: file_dests,
@@ -208,20 +223,12 @@ impl Run<'_> {
                     }
                 }
             } else if !file_dests.is_empty() {
-                let size = item.result.as_ref().map_or(0, |v| v.size());
                 match item.source.filter(|&s| self.reps[s].taking_part()) {
                     Some(source) => {
-                        ex.queue.push_back(ex.transfers.len());
-                        ex.transfers.push(Transfer {
-                            item: ii,
-                            source,
-                            size,
-                            next: 0,
-                            received: 0,
-                            outstanding: 0,
-                            dests: file_dests,
-                            started: false,
-                            done: false,
+                        ex.queue.push_back(Queued {
+                            item: ii as u32,
+                            first_task: file_dests[0] as u32,
+                            source: source as u32,
                         });
                     }
                     None => {
@@ -236,9 +243,7 @@ impl Run<'_> {
         }
         // Immediate operations, in the order that keeps each tree valid.
         let mut order: Vec<usize> = (0..ex.tasks.len())
-            .filter(|&t| {
-                ex.tasks[t].outcome.is_none() && !matches!(ex.tasks[t].op, Some(Op::PutFile { .. }))
-            })
+            .filter(|&t| ex.tasks[t].outcome == Outcome::Pending && !ex.tasks[t].put_file)
             .collect();
         order.sort_by(|&a, &b| {
             let (x, y) = (&ex.tasks[a], &ex.tasks[b]);
@@ -282,13 +287,13 @@ impl Run<'_> {
             bar.finish_and_clear();
         }
         self.record(plan, &ex);
-        let mut outcomes = Outcomes {
-            ok: vec![Vec::new(); plan.items.len()],
+        let outcomes = Outcomes {
+            failed: (ex.tasks.iter())
+                .filter(|t| t.outcome != Outcome::Ok)
+                .map(|t| (t.item, t.replica))
+                .collect(),
             merged: ex.merged.clone(),
         };
-        for t in &ex.tasks {
-            outcomes.ok[t.item].push((t.replica, matches!(t.outcome, Some(Ok(())))));
-        }
         self.exec = Some(Exec {
             committed: ex.committed,
             ..Default::default()
@@ -339,10 +344,7 @@ impl Run<'_> {
         if !intact {
             return fail_merge(ex, j, OpError::SourceChanged);
         }
-        let path = match &ex.tasks[m.dests[0]].op {
-            Some(Op::PutFile { path, .. }) => path.clone(),
-            _ => return fail_merge(ex, j, OpError::Refused("not a file".into())),
-        };
+        let path = ex.plan.items[m.item].path.clone();
         let Some(rule) = self
             .merge_rules
             .iter()
@@ -370,11 +372,8 @@ impl Run<'_> {
         ex.merges[j].bufs = Vec::new();
         ex.merged.insert(ex.merges[j].item, version.clone());
         for d in ex.merges[j].dests.clone() {
-            if ex.tasks[d].outcome.is_some() {
+            if ex.tasks[d].outcome != Outcome::Pending {
                 continue;
-            }
-            if let Some(Op::PutFile { version: v, .. }) = ex.tasks[d].op.as_mut() {
-                *v = version.clone();
             }
             self.send_task(ex, d);
             let (r, id) = (ex.tasks[d].replica, ex.tasks[d].id);
@@ -400,10 +399,8 @@ impl Run<'_> {
         {
             return None;
         }
-        let total: u64 = ex
-            .transfers
-            .iter()
-            .map(|t| t.size * t.dests.len() as u64)
+        let total: u64 = (ex.queue.iter())
+            .map(|&q| ex.queued_size(q) * ex.queued_dests(q).len() as u64)
             .sum();
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -430,9 +427,49 @@ impl Run<'_> {
         self.check_timeouts();
     }
 
+    /// The operation a task sends: built when it is sent, from its plan item.
+    fn op_for(&self, ex: &Exec, t: usize) -> Op {
+        let task = &ex.tasks[t];
+        let item = &ex.plan.items[task.item];
+        let path = item.path.clone();
+        let keep = (task.action == Action::KeepAndReplace).then(|| self.keep_suffix(task.replica));
+        let expect = if task.action == Action::Create {
+            Expect::Absent
+        } else {
+            Expect::Scanned
+        };
+        let version = ex.merged.get(&task.item).or(item.result.as_ref()).cloned();
+        match (version, task.action) {
+            (None, _) => Op::Remove { path },
+            (Some(version), Action::SetMeta) => Op::SetMeta { path, version },
+            (Some(version), _) => match version.kind {
+                Kind::Dir => Op::Mkdir {
+                    path,
+                    version,
+                    expect,
+                    keep,
+                },
+                Kind::Symlink { .. } => Op::PutSymlink {
+                    path,
+                    version,
+                    expect,
+                    keep,
+                },
+                Kind::File { .. } => Op::PutFile {
+                    path,
+                    version,
+                    expect,
+                    keep,
+                },
+            },
+        }
+    }
+
     fn send_task(&mut self, ex: &mut Exec, t: usize) {
+        let op = self.op_for(ex, t);
         let task = &mut ex.tasks[t];
-        let op = task.op.take().expect("sent once");
+        debug_assert!(!task.sent, "sent once");
+        task.sent = true;
         let rep = &mut self.reps[task.replica];
         // A file being received owes us nothing until we have sent all of it.
         if !matches!(op, Op::PutFile { .. }) {
@@ -459,7 +496,7 @@ impl Run<'_> {
             }
             for t in 0..ex.tasks.len() {
                 let r = ex.tasks[t].replica;
-                if ex.tasks[t].outcome.is_none() && !self.reps[r].conn.alive {
+                if ex.tasks[t].outcome == Outcome::Pending && !self.reps[r].conn.alive {
                     let why = self.reps[r]
                         .conn
                         .failure
@@ -481,6 +518,21 @@ impl Run<'_> {
                     );
                 }
             }
+            // Queued transfers from a dead source fail without starting.
+            let queued = std::mem::take(&mut ex.queue);
+            for q in queued {
+                if self.reps[q.source as usize].conn.alive {
+                    ex.queue.push_back(q);
+                } else {
+                    for d in ex.queued_dests(q) {
+                        finish_task(
+                            &mut ex,
+                            d,
+                            Err(OpError::Io("its source replica failed".into())),
+                        );
+                    }
+                }
+            }
             for tr in 0..ex.transfers.len() {
                 let x = &ex.transfers[tr];
                 if x.done {
@@ -492,7 +544,11 @@ impl Run<'_> {
                         tr,
                         OpError::Io("its source replica failed".into()),
                     );
-                } else if x.dests.iter().all(|&d| ex.tasks[d].outcome.is_some()) {
+                } else if x
+                    .dests
+                    .iter()
+                    .all(|&d| ex.tasks[d].outcome != Outcome::Pending)
+                {
                     mark_done(&mut ex, tr);
                 }
             }
@@ -506,17 +562,41 @@ impl Run<'_> {
             return;
         };
         while ex.active.len() < MAX_ACTIVE && ex.in_flight < IN_FLIGHT {
-            let Some(tr) = ex.queue.pop_front() else {
+            let Some(q) = ex.queue.pop_front() else {
                 break;
             };
-            if ex.transfers[tr].done {
-                continue; // aborted before it started
+            let dests = ex.queued_dests(q);
+            if dests
+                .iter()
+                .all(|&d| ex.tasks[d].outcome != Outcome::Pending)
+            {
+                continue; // nobody needs it any more
             }
-            ex.transfers[tr].started = true;
+            let x = Transfer {
+                item: q.item as usize,
+                source: q.source as usize,
+                size: ex.queued_size(q),
+                next: 0,
+                received: 0,
+                outstanding: 0,
+                dests,
+                started: true,
+                done: false,
+            };
+            let tr = match ex.free.pop() {
+                Some(slot) => {
+                    ex.transfers[slot] = x;
+                    slot
+                }
+                None => {
+                    ex.transfers.push(x);
+                    ex.transfers.len() - 1
+                }
+            };
             ex.active.push(tr);
             let dests = ex.transfers[tr].dests.clone();
             for d in dests {
-                if ex.tasks[d].outcome.is_none() {
+                if ex.tasks[d].outcome == Outcome::Pending {
                     self.send_task(&mut ex, d);
                 }
             }
@@ -576,7 +656,7 @@ impl Run<'_> {
         mark_done(ex, tr);
         let x = &ex.transfers[tr];
         for &d in &x.dests {
-            if ex.tasks[d].outcome.is_none() {
+            if ex.tasks[d].outcome == Outcome::Pending {
                 let task = &ex.tasks[d];
                 self.reps[task.replica]
                     .conn
@@ -591,7 +671,7 @@ impl Run<'_> {
         }
         mark_done(ex, tr);
         for d in ex.transfers[tr].dests.clone() {
-            if ex.tasks[d].outcome.is_none() {
+            if ex.tasks[d].outcome == Outcome::Pending {
                 let (r, id) = (ex.tasks[d].replica, ex.tasks[d].id);
                 // The destination drops its temp file; we do not wait for it.
                 self.reps[r].conn.send(Request::Abort { id });
@@ -620,6 +700,7 @@ impl Run<'_> {
                     ex.transfers[transfer].outstanding -= 1;
                     let err = result.err().unwrap_or(OpError::SourceChanged);
                     self.abort_transfer(&mut ex, transfer, err);
+                    release(&mut ex, transfer);
                 }
                 Some(Waiting::MergeRead { job, .. }) => {
                     self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
@@ -653,6 +734,7 @@ impl Run<'_> {
                     ex.transfers[tr].outstanding -= 1;
                     if ex.transfers[tr].done {
                         // aborted meanwhile
+                        release(&mut ex, tr);
                     } else if (bytes.len() as u64) < len {
                         // The file shrank since it was scanned.
                         self.abort_transfer(&mut ex, tr, OpError::SourceChanged);
@@ -662,7 +744,7 @@ impl Run<'_> {
                             .dests
                             .iter()
                             .copied()
-                            .filter(|&d| ex.tasks[d].outcome.is_none())
+                            .filter(|&d| ex.tasks[d].outcome == Outcome::Pending)
                             .collect();
                         let mut bytes = Some(bytes);
                         for (k, &d) in dests.iter().enumerate() {
@@ -708,21 +790,20 @@ impl Run<'_> {
     fn record(&mut self, plan: &Plan, ex: &Exec) {
         for t in &ex.tasks {
             let item = &plan.items[t.item];
-            let label = self.reps[t.replica].conn.label.clone();
+            let label = &self.reps[t.replica].conn.label;
             let alive = self.reps[t.replica].conn.alive;
-            match &t.outcome {
+            let outcome = match t.outcome {
+                Outcome::Pending => None,
+                Outcome::Ok => Some(Ok(())),
+                Outcome::Failed(k) => Some(Err(&ex.errors[k as usize])),
+            };
+            match outcome {
                 Some(Ok(())) => {
                     let size = item.result.as_ref().map_or(0, |v| v.size());
                     let rep = &mut self.reps[t.replica];
-                    let verb = match t.action {
-                        Action::Remove => {
-                            rep.report.removed += 1;
-                            "removed"
-                        }
-                        Action::SetMeta => {
-                            rep.report.metadata += 1;
-                            "metadata"
-                        }
+                    match t.action {
+                        Action::Remove => rep.report.removed += 1,
+                        Action::SetMeta => rep.report.metadata += 1,
                         Action::KeepAndReplace | Action::Create | Action::Replace => {
                             // Directories are counted by the files they bring.
                             if !item.result.as_ref().is_some_and(|v| v.is_dir()) {
@@ -734,29 +815,26 @@ impl Run<'_> {
                                     src.bytes_out += size;
                                 }
                             }
-                            match t.action {
-                                Action::Create => "created",
-                                Action::Replace => "replaced",
-                                _ => "replaced (its own version kept as a conflict copy)",
-                            }
                         }
-                    };
-                    self.report
-                        .actions
-                        .push(format!("{label}: {verb} {}", item.path));
+                    }
+                    if self.report.keep_actions {
+                        self.report.actions.push(crate::report::Done {
+                            replica: t.replica,
+                            action: t.action,
+                            path: item.path.clone(),
+                        });
+                    }
                 }
-                Some(Err(e @ (OpError::Changed | OpError::SourceChanged))) => {
+                Some(Err(e @ (&OpError::Changed | &OpError::SourceChanged))) => {
+                    let line = format!("{label}: {}: {e}", item.path);
                     self.reps[t.replica].report.deferred += 1;
-                    self.report
-                        .warnings
-                        .push(format!("{label}: {}: {e}", item.path));
+                    self.report.warnings.push(line);
                 }
                 // A replica that failed as a whole is reported once, not per path.
                 Some(Err(e)) if alive => {
+                    let line = format!("{label}: {}: {e}", item.path);
                     self.reps[t.replica].report.failed_actions += 1;
-                    self.report
-                        .errors
-                        .push(format!("{label}: {}: {e}", item.path));
+                    self.report.errors.push(line);
                 }
                 Some(Err(_)) => {}
                 None => {}
@@ -767,7 +845,7 @@ impl Run<'_> {
     /// Sends each peer the changes to its agreed state, and prepares our own pair
     /// records (saved once the hub's scan cache is, since they are relative to it).
     pub(super) fn commit(&mut self, plan: &Plan, outcomes: &Outcomes) {
-        let ok = |item: usize, r: usize| outcomes.ok[item].iter().all(|&(x, good)| x != r || good);
+        let ok = |item: usize, r: usize| !outcomes.failed.contains(&(item, r));
         let result_of = |ii: usize| -> Option<Option<Version>> {
             let item = &plan.items[ii];
             match &item.reason {
@@ -786,7 +864,7 @@ impl Run<'_> {
         // What the hub's tree holds after this run, where the run touched it.
         let mut hub_after: Vec<(RelPath, Option<Version>)> = Vec::new();
         for (ii, item) in plan.items.iter().enumerate() {
-            if item.actions.iter().any(|&(r, _)| r == HUB)
+            if item.actions.iter().any(|(r, _)| r == HUB)
                 && ok(ii, HUB)
                 && let Some(v) = result_of(ii)
             {
@@ -832,18 +910,18 @@ impl Run<'_> {
                 }
                 continue;
             }
-            let updates: Vec<(RelPath, Option<Version>)> = plan
-                .items
-                .iter()
-                .enumerate()
-                .filter(|(ii, item)| item.agree.contains(&i) && ok(*ii, HUB) && ok(*ii, i))
-                .filter_map(|(ii, item)| result_of(ii).map(|v| (item.path.clone(), v)))
+            // Items (sorted by path, as the plan is) newly agreed with this peer.
+            let updates: Vec<usize> = (0..plan.items.len())
+                .filter(|&ii| plan.items[ii].agree.contains(i) && ok(ii, HUB) && ok(ii, i))
+                .filter(|&ii| result_of(ii).is_some())
                 .collect();
+            let update_path = |k: usize| &plan.items[updates[k]].path;
+            let update_value = |k: usize| result_of(updates[k]).flatten();
             let find_update = |p: &RelPath| {
                 updates
-                    .binary_search_by(|e| e.0.cmp(p))
+                    .binary_search_by(|&ii| plan.items[ii].path.cmp(p))
                     .ok()
-                    .map(|k| updates[k].1.clone())
+                    .map(update_value)
             };
             let agreed_after = |p: &RelPath| -> Option<Version> {
                 match find_update(p) {
@@ -856,7 +934,7 @@ impl Run<'_> {
             let mut lists: Vec<Box<dyn Iterator<Item = &RelPath> + '_>> = vec![
                 Box::new(snap.changes.iter().map(|e| &e.0)),
                 Box::new(item_paths.iter().copied()),
-                Box::new(updates.iter().map(|e| &e.0)),
+                Box::new((0..updates.len()).map(update_path)),
             ];
             if let Some(rec) = known {
                 lists.push(Box::new(rec.diff.iter().map(|e| &e.0)));
@@ -867,11 +945,13 @@ impl Run<'_> {
             let touched = sorted_union(lists);
             let files = agreed::count_files(
                 known.map_or(0, |r| r.files),
-                updates.iter().map(|(p, after)| {
-                    (
-                        known.and_then(|r| agreed::lookup(&r.diff, &old, p)),
-                        after.as_ref(),
-                    )
+                (0..updates.len()).map(|k| {
+                    let p = update_path(k);
+                    let after = match &plan.items[updates[k]].reason {
+                        Reason::Merged { .. } => outcomes.merged.get(&updates[k]),
+                        _ => plan.items[updates[k]].result.as_ref(),
+                    };
+                    (known.and_then(|r| agreed::lookup(&r.diff, &old, p)), after)
                 }),
             );
             let diff = agreed::rebase(touched.iter().copied(), agreed_after, cache_after);
@@ -888,27 +968,42 @@ impl Run<'_> {
                 continue;
             }
             let token = Token::new();
-            let rep = &mut self.reps[i];
             if shared {
-                send_commit(rep, updates, token, false);
+                self.send_commit(
+                    i,
+                    (0..updates.len()).map(|k| (update_path(k).clone(), update_value(k))),
+                    token,
+                    false,
+                );
             } else {
                 // The peer cannot apply changes to a state it does not share: it gets
                 // the whole agreed state.
-                let all: Vec<(RelPath, Option<Version>)> = match known {
-                    None => updates.into_iter().filter(|e| e.1.is_some()).collect(),
-                    Some(rec) => sorted_union(vec![
-                        Box::new(snap.entries.iter().map(|e| &e.path)),
-                        Box::new(snap.changes.iter().map(|e| &e.0)),
-                        Box::new(rec.diff.iter().map(|e| &e.0)),
-                        Box::new(updates.iter().map(|e| &e.0)),
-                    ])
-                    .into_iter()
-                    .filter_map(|p| agreed_after(p).map(|v| (p.clone(), Some(v))))
-                    .collect(),
-                };
-                send_commit(rep, all, token, true);
+                match known {
+                    None => self.send_commit(
+                        i,
+                        (0..updates.len())
+                            .filter_map(|k| Some((update_path(k).clone(), Some(update_value(k)?)))),
+                        token,
+                        true,
+                    ),
+                    Some(rec) => {
+                        let all = sorted_union(vec![
+                            Box::new(snap.entries.iter().map(|e| &e.path)),
+                            Box::new(snap.changes.iter().map(|e| &e.0)),
+                            Box::new(rec.diff.iter().map(|e| &e.0)),
+                            Box::new((0..updates.len()).map(update_path)),
+                        ]);
+                        self.send_commit(
+                            i,
+                            all.into_iter()
+                                .filter_map(|p| agreed_after(p).map(|v| (p.clone(), Some(v)))),
+                            token,
+                            true,
+                        );
+                    }
+                }
             }
-            rep.pending += 1;
+            self.reps[i].pending += 1;
             waiting.push((
                 i,
                 path,
@@ -956,6 +1051,38 @@ impl Run<'_> {
     }
 }
 
+impl Run<'_> {
+    /// Sends peer `i` its agreed-state changes in frames, waiting while much is
+    /// queued for it: a first sync commits every file, and building every frame at
+    /// once would hold a second copy of the whole state.
+    fn send_commit(
+        &mut self,
+        i: usize,
+        changes: impl Iterator<Item = (RelPath, Option<Version>)>,
+        token: Token,
+        reset: bool,
+    ) {
+        let mut changes = changes.peekable();
+        let mut first = true;
+        loop {
+            let chunk: Vec<_> = changes.by_ref().take(COMMIT_CHUNK).collect();
+            let last = changes.peek().is_none();
+            let req = Request::Commit {
+                changes: chunk,
+                token: last.then_some(token),
+                reset: reset && first,
+            };
+            self.reps[i].queued += super::conn::queued_cost(&req);
+            self.reps[i].conn.send(req);
+            first = false;
+            if last {
+                return;
+            }
+            self.pump(|run| !run.reps[i].conn.alive || run.reps[i].queued <= COMMIT_QUEUED);
+        }
+    }
+}
+
 /// A merge that cannot be made this run: its destinations keep their versions.
 fn fail_merge(ex: &mut Exec, j: usize, why: OpError) {
     if ex.merges[j].done {
@@ -975,43 +1102,33 @@ fn mark_done(ex: &mut Exec, tr: usize) {
     {
         ex.active.swap_remove(pos);
     }
+    release(ex, tr);
+}
+
+/// Frees a done transfer's slot once no read for it is outstanding.
+fn release(ex: &mut Exec, tr: usize) {
+    let x = &mut ex.transfers[tr];
+    if x.done && x.outstanding == 0 && x.started {
+        x.started = false; // a free slot
+        ex.free.push(tr);
+    }
 }
 
 fn finish_task(ex: &mut Exec, t: usize, result: Result<(), OpError>) {
-    let task = &mut ex.tasks[t];
-    if task.outcome.is_some() {
+    if ex.tasks[t].outcome != Outcome::Pending {
         return;
     }
-    task.outcome = Some(result);
+    let outcome = match result {
+        Ok(()) => Outcome::Ok,
+        Err(e) => {
+            ex.errors.push(e);
+            Outcome::Failed(ex.errors.len() as u32 - 1)
+        }
+    };
+    let task = &mut ex.tasks[t];
+    task.outcome = outcome;
     ex.remaining -= 1;
     if task.phase < 3 {
         ex.earlier_left[task.replica] -= 1;
-    }
-}
-
-fn send_commit(
-    rep: &mut super::Rep,
-    changes: Vec<(RelPath, Option<Version>)>,
-    token: Token,
-    reset: bool,
-) {
-    let mut chunks = changes.chunks(COMMIT_CHUNK).peekable();
-    if chunks.peek().is_none() {
-        rep.conn.send(Request::Commit {
-            changes: Vec::new(),
-            token: Some(token),
-            reset,
-        });
-        return;
-    }
-    let mut first = true;
-    while let Some(c) = chunks.next() {
-        let last = chunks.peek().is_none();
-        rep.conn.send(Request::Commit {
-            changes: c.to_vec(),
-            token: last.then_some(token),
-            reset: reset && first,
-        });
-        first = false;
     }
 }

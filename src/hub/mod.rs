@@ -107,6 +107,9 @@ struct Run<'a> {
     merge_rules: Vec<(globset::GlobMatcher, crate::merge::MergeRule)>,
 }
 
+/// Replies waiting for the hub to handle them, at most.
+const EVENTS_QUEUED: usize = 1024;
+
 /// Runs one synchronization as `s` says.
 pub fn run(s: &Settings) -> Result<Outcome, RunError> {
     let started = Instant::now();
@@ -119,10 +122,13 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
     Excludes::new(&s.excludes)?;
     let hub_gen = crate::archive::scan_cache_generation(&hub_state.join("scan-cache"));
 
-    let (tx, rx) = mpsc::channel();
+    // Bounded: replicas answer faster than the hub may get to their answers, and
+    // a first sync has one per file.
+    let (tx, rx) = mpsc::sync_channel(EVENTS_QUEUED);
     let hub_slot: crate::server::SnapshotSlot = Default::default();
     let mut report = RunReport {
         dry_run: s.dry_run,
+        keep_actions: s.verbosity == crate::report::Verbosity::Verbose,
         ..Default::default()
     };
     let mut reps = vec![Rep {
@@ -282,23 +288,29 @@ impl Run<'_> {
     fn go(&mut self) -> Result<Option<Plan>, RunError> {
         crate::trace!("opening and scanning");
         self.open_and_scan()?;
-        crate::trace!("scanned");
+        crate::trace!("scanned; {}", crate::util::memory());
         self.check_empty_roots();
         self.check_clocks();
-        let plan = self.plan();
-        crate::trace!("planned {} items", plan.items.len());
+        let plan = std::sync::Arc::new(self.plan());
+        crate::trace!(
+            "planned {} items; {}",
+            plan.items.len(),
+            crate::util::memory()
+        );
         self.report_conflicts(&plan);
         if self.s.dry_run {
             self.count_planned(&plan);
-            return Ok(Some(plan));
+            return Ok(Some(std::sync::Arc::unwrap_or_clone(plan)));
         }
         // Test hook: lets integration tests change a tree between scan and apply.
         if let Ok(cmd) = std::env::var("HUBSYNC_TEST_BEFORE_APPLY") {
             let _ = std::process::Command::new("sh").arg("-c").arg(cmd).status();
         }
         let outcomes = self.execute(&plan);
+        crate::trace!("executed; {}", crate::util::memory());
         self.commit(&plan, &outcomes);
-        Ok(Some(plan))
+        crate::trace!("committed; {}", crate::util::memory());
+        Ok(Some(std::sync::Arc::unwrap_or_clone(plan)))
     }
 
     /// Opens every replica and scans them all at once.
@@ -388,11 +400,17 @@ impl Run<'_> {
     fn check_timeouts(&mut self) {
         for (i, rep) in self.reps.iter_mut().enumerate().skip(1) {
             let limit = self.s.peers[i - 1].timeout;
-            if rep.conn.alive && rep.conn.last_heard.elapsed() > limit && self_waiting(rep) {
+            if !self_waiting(rep) {
+                // Its silence counts only from when we wait on it: a peer left idle
+                // while another one holds up a shared transfer is not stalled.
+                rep.conn.last_heard = Instant::now();
+                continue;
+            }
+            if rep.conn.alive && rep.conn.last_heard.elapsed() > limit {
                 let what = if rep.scanned.is_none() {
                     "its scan".to_string()
                 } else if rep.queued > 0 {
-                    format!("it to take {} of file data", crate::util::Bytes(rep.queued))
+                    format!("it to take {} of data", crate::util::Bytes(rep.queued))
                 } else {
                     format!("{} answer(s)", rep.pending)
                 };
@@ -605,7 +623,7 @@ impl Run<'_> {
                 .filter(|i| {
                     i.actions
                         .iter()
-                        .any(|&(r, a)| r == victim && a == Action::Remove)
+                        .any(|(r, a)| r == victim && a == Action::Remove)
                         && i.result.is_none()
                 })
                 .collect();
@@ -653,11 +671,11 @@ impl Run<'_> {
             };
             let losers = losers
                 .iter()
-                .map(|&l| {
+                .map(|l| {
                     let keeps = item
                         .actions
                         .iter()
-                        .any(|&(r, a)| r == l && a == Action::KeepAndReplace);
+                        .any(|(r, a)| r == l && a == Action::KeepAndReplace);
                     let rep = &self.reps[l];
                     let kept = keeps.then(|| {
                         let rel = format!("{}.conflict-{}", item.path, self.keep_suffix(l));
@@ -697,7 +715,7 @@ impl Run<'_> {
     /// Fills the per-replica figures with what the plan would do (dry runs).
     fn count_planned(&mut self, plan: &Plan) {
         for item in plan.changes() {
-            for &(r, a) in &item.actions {
+            for (r, a) in &item.actions {
                 if !self.reps[r].taking_part() && r != HUB {
                     continue;
                 }
@@ -835,6 +853,8 @@ impl Run<'_> {
         self.report.result = result;
         self.report.exit_code = code;
         self.report.seconds = started.elapsed().as_secs_f64();
+        self.report.peak_memory = crate::util::peak_rss();
+        crate::trace!("{}", crate::util::memory());
         self.report.replicas = self.reps.iter().map(|r| r.report.clone()).collect();
     }
 }

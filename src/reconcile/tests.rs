@@ -167,7 +167,7 @@ fn show(v: &Option<Version>) -> String {
     }
 }
 
-fn list(rs: &[usize]) -> String {
+fn list(rs: &Replicas) -> String {
     rs.iter()
         .map(|r| r.to_string())
         .collect::<Vec<_>>()
@@ -495,7 +495,7 @@ fn equal_mtimes_follow_a_fixed_rule_whatever_the_replica_order() {
         plan.items[0]
             .actions
             .iter()
-            .any(|(_, a)| *a == Action::KeepAndReplace)
+            .any(|(_, a)| a == Action::KeepAndReplace)
     );
 }
 
@@ -580,7 +580,7 @@ fn first_sync_records_agreement_for_equal_files() {
     let plan = plan_of(&[None], tree.clone(), &[tree]);
     assert_eq!(plan.items.len(), 1);
     assert!(plan.items[0].actions.is_empty());
-    assert_eq!(plan.items[0].agree, vec![1]);
+    assert_eq!(plan.items[0].agree, Replicas::one(1));
 }
 
 #[test]
@@ -688,7 +688,7 @@ fn peers_not_taking_part_are_left_alone() {
         mergeable: None,
     });
     assert_eq!(render(&plan), ["b = f:b@2 changed(0) <0 1:create"]);
-    assert_eq!(plan.items[0].agree, vec![1]);
+    assert_eq!(plan.items[0].agree, Replicas::one(1));
 }
 
 #[test]
@@ -868,7 +868,7 @@ fn is_consistent(fs: &Fs) -> bool {
 fn apply(plan: &Plan, trees: &mut [Fs], agreed: &mut [Option<Fs>]) -> Vec<Version> {
     let mut kept = Vec::new();
     for item in &plan.items {
-        for &(r, a) in &item.actions {
+        for (r, a) in &item.actions {
             if a == Action::KeepAndReplace {
                 kept.push(trees[r][&item.path].clone());
             }
@@ -877,7 +877,7 @@ fn apply(plan: &Plan, trees: &mut [Fs], agreed: &mut [Option<Fs>]) -> Vec<Versio
                 None => trees[r].remove(&item.path),
             };
         }
-        for &i in &item.agree {
+        for i in &item.agree {
             let a = agreed[i - 1].get_or_insert_with(Fs::new);
             match &item.result {
                 Some(v) => a.insert(item.path.clone(), v.clone()),
