@@ -706,7 +706,8 @@ log "summary"
 for n in A B; do
   d=$([ "$n" = A ] && echo "$DATA_A" || echo "$DATA_B")
   info "$n: data/log/error has $(error_log_lines "$d") line(s)$( [ "$(error_log_lines "$d")" = 0 ] || echo ', entries by page and message:')"
-  { cat "$d"/log/error/*.log 2>/dev/null || true; } | grep -v '^ ' | cut -f2- | sed "s#$W/##" | sort | uniq -c | ev
+  # (an empty error log is the good case: grep finding nothing must not end the script)
+  { cat "$d"/log/error/*.log 2>/dev/null || true; } | { grep -v '^ ' || true; } | cut -f2- | sed "s#$W/##" | sort | uniq -c | ev
 done
 info "conflict copies kept by hubsync: A $(find "$DATA_A/.hubsync/conflicts" -type f 2>/dev/null | wc -l), B $(find "$DATA_B/.hubsync/conflicts" -type f 2>/dev/null | wc -l)"
 echo "DokuWiki $DWVERSION, hubsync $HUBSYNC ($PROFILE_MODE), $SYNCS syncs, $(( $(date +%s) - START_TIME )) s"

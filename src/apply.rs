@@ -67,6 +67,18 @@ pub struct Incoming {
     error: Option<OpError>,
 }
 
+/// A held application lock directory, removed when dropped.
+pub struct IoLockGuard {
+    dir: OwnedFd,
+    name: String,
+}
+
+impl Drop for IoLockGuard {
+    fn drop(&mut self) {
+        let _ = rustix::fs::unlinkat(&self.dir, self.name.as_str(), AtFlags::REMOVEDIR);
+    }
+}
+
 /// A received, verified file waiting to be renamed into place.
 pub struct Ready {
     pub path: RelPath,
@@ -443,12 +455,117 @@ impl Root {
         )?))
     }
 
-    /// Removes a file, a symlink or an empty directory.
-    pub fn remove(&mut self, path: &RelPath, scanned: Option<&CacheEntry>) -> Result<(), OpError> {
+    /// Takes the lock an application holds while it writes `lock.of`: the directory
+    /// `lock.dir/md5(absolute path of lock.of)` (DokuWiki's `io_lock`). Like
+    /// DokuWiki, waits at most 3 s for a holder and then goes ahead without it;
+    /// without the lock directory there is no lock to take.
+    pub fn io_lock(&mut self, lock: &crate::proto::IoLock) -> Option<IoLockGuard> {
+        use md5::Digest;
+        let abs = self.path.join(lock.of.as_path());
+        let name = crate::util::hex(&md5::Md5::digest(abs.as_os_str().as_encoded_bytes()));
+        let dir = self.dir(Some(&lock.dir)).ok()?.try_clone_to_owned().ok()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            match rustix::fs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o755)) {
+                Ok(()) => return Some(IoLockGuard { dir, name }),
+                Err(rustix::io::Errno::EXIST) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Removes the regular file `path` if there is one (derived data, like a
+    /// cache, that an application rebuilds): never a directory or a symlink.
+    pub fn remove_derived(&mut self, path: &RelPath) -> bool {
+        let Ok(dir) = self.parent_fd(path) else {
+            return false;
+        };
+        match rustix::fs::statat(&dir, path.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {
+                rustix::fs::unlinkat(&dir, path.file_name(), AtFlags::empty()).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes the regular files below `top` that `matches` accepts and whose
+    /// mtime is `since` or later (caches made after a revision that was just
+    /// installed with its older mtime). Symlinks are not followed. Returns how
+    /// many went.
+    pub fn remove_newer(
+        &mut self,
+        top: &RelPath,
+        matches: &dyn Fn(&RelPath) -> bool,
+        since: Mtime,
+    ) -> usize {
+        let Ok(fd) = self
+            .dir(Some(top))
+            .and_then(|d| d.try_clone_to_owned().map_err(io_err))
+        else {
+            return 0;
+        };
+        let mut removed = 0;
+        let mut stack = vec![(fd, top.clone())];
+        while let Some((fd, rel)) = stack.pop() {
+            let Ok(names) = crate::scan::list_dir(&fd) else {
+                continue;
+            };
+            for (name, _) in names {
+                let Ok(child) = rel.join(&name) else {
+                    continue;
+                };
+                let Ok(st) = rustix::fs::statat(&fd, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                else {
+                    continue;
+                };
+                match FileType::from_raw_mode(st.st_mode) {
+                    FileType::Directory => {
+                        let flags =
+                            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+                        if let Ok(sub) =
+                            rustix::fs::openat(&fd, name.as_slice(), flags, Mode::empty())
+                        {
+                            stack.push((sub, child));
+                        }
+                    }
+                    FileType::RegularFile => {
+                        let mtime = Mtime::new(st.st_mtime, st.st_mtime_nsec as u32);
+                        if mtime >= since
+                            && matches(&child)
+                            && rustix::fs::unlinkat(&fd, name.as_slice(), AtFlags::empty()).is_ok()
+                        {
+                            removed += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        removed
+    }
+
+    /// Removes `path`; with `keep`, a file or symlink is moved among the conflict
+    /// copies instead (a change that lost to a deletion).
+    pub fn remove(
+        &mut self,
+        path: &RelPath,
+        scanned: Option<&CacheEntry>,
+        keep: Option<&str>,
+    ) -> Result<(), OpError> {
         let Some(st) = self.check(path, scanned)? else {
             return Ok(());
         };
         let dir = self.parent_fd(path)?;
+        if let Some(suffix) = keep
+            && FileType::from_raw_mode(st.st_mode) != FileType::Directory
+        {
+            // Whatever is there now moves aside whole: a write that raced our check
+            // is kept too, not unlinked.
+            self.keep_at(&dir, path.file_name(), path, suffix)?;
+            return Ok(());
+        }
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
             remove_dir(&dir, path.file_name())?;
             self.forget_dirs();

@@ -83,6 +83,10 @@ pub struct SyncArgs {
     /// (`data/cache/**`).
     #[arg(long = "exclude", value_name = "GLOB")]
     pub excludes: Vec<String>,
+    /// Sync an application's data directory the way it needs: `dokuwiki` (ROOT is
+    /// DokuWiki's data directory; see examples/dokuwiki.toml for what it does).
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
     /// List every action.
     #[arg(short, long, action = ArgAction::Count)]
     pub verbose: u8,
@@ -190,6 +194,7 @@ impl SyncArgs {
             max_clock_skew: self.max_clock_skew,
             state_dir: self.state_dir.clone(),
             metrics_file: self.metrics_file.clone(),
+            profile: self.profile.clone(),
         }
     }
 }

@@ -76,6 +76,18 @@ pub struct Settings {
     pub config_file: Option<PathBuf>,
     /// Files merged line by line instead of one version winning.
     pub merges: Vec<crate::merge::MergeRule>,
+    /// The profile in use (`dokuwiki`), if any.
+    pub profile: Option<String>,
+    /// Files that belong together (see `rules.rs`).
+    pub bundles: Vec<crate::rules::Bundle>,
+    /// Globs of files each receiver installs before, and after, all others.
+    pub install_first: Vec<String>,
+    pub install_last: Vec<String>,
+    /// What each replica invalidates after installing files (checked; sent to peers).
+    pub after_install: Vec<crate::rules::AfterInstallRule>,
+    /// A command each replica runs in its root after it applied changes, with the
+    /// changed paths on stdin.
+    pub post_apply: Option<String>,
 }
 
 /// What the command line says; `None`/empty means "not given".
@@ -99,6 +111,7 @@ pub struct Overrides {
     pub max_clock_skew: Option<Duration>,
     pub state_dir: Option<PathBuf>,
     pub metrics_file: Option<PathBuf>,
+    pub profile: Option<String>,
 }
 
 /// The config file as written.
@@ -124,6 +137,124 @@ struct File {
     peers: Vec<FilePeer>,
     #[serde(default, rename = "merge")]
     merges: Vec<Spanned<crate::merge::MergeRule>>,
+    profile: Option<Spanned<String>>,
+    #[serde(default, rename = "bundle")]
+    bundles: Vec<Spanned<crate::rules::BundleRule>>,
+    #[serde(default)]
+    install_first: Vec<Spanned<String>>,
+    #[serde(default)]
+    install_last: Vec<Spanned<String>>,
+    #[serde(default)]
+    after_install: Vec<Spanned<crate::rules::AfterInstallRule>>,
+    post_apply: Option<String>,
+}
+
+/// What a config file or a profile says about an application's files.
+#[derive(Default)]
+struct AppRules {
+    excludes: Vec<String>,
+    merges: Vec<crate::merge::MergeRule>,
+    bundles: Vec<crate::rules::Bundle>,
+    install_first: Vec<String>,
+    install_last: Vec<String>,
+    after_install: Vec<crate::rules::AfterInstallRule>,
+}
+
+impl AppRules {
+    fn of(src: &Source, file: &File) -> Result<AppRules> {
+        let mut r = AppRules::default();
+        for e in &file.exclude {
+            if let Err(err) = Excludes::new(std::slice::from_ref(e.get_ref())) {
+                return src.err(e.span(), format!("{err:#}"));
+            }
+            r.excludes.push(e.get_ref().clone());
+        }
+        for m in &file.merges {
+            if let Err(e) = m.get_ref().check() {
+                return src.err(m.span(), e);
+            }
+            if let Err(e) = globset::Glob::new(&m.get_ref().glob) {
+                return src.err(m.span(), format!("merge glob: {e}"));
+            }
+            r.merges.push(m.get_ref().clone());
+        }
+        for b in &file.bundles {
+            match b.get_ref().compile() {
+                Ok(b) => r.bundles.push(b),
+                Err(e) => return src.err(b.span(), format!("bundle: {e}")),
+            }
+        }
+        for (list, out) in [
+            (&file.install_first, &mut r.install_first),
+            (&file.install_last, &mut r.install_last),
+        ] {
+            for g in list {
+                if let Err(e) = globset::Glob::new(g.get_ref()) {
+                    return src.err(g.span(), format!("install order glob: {e}"));
+                }
+                out.push(g.get_ref().clone());
+            }
+        }
+        for a in &file.after_install {
+            if let Err(e) = a.get_ref().compile() {
+                return src.err(a.span(), format!("after_install: {e}"));
+            }
+            r.after_install.push(a.get_ref().clone());
+        }
+        Ok(r)
+    }
+
+    fn extend(&mut self, more: AppRules) {
+        self.excludes.extend(more.excludes);
+        self.merges.extend(more.merges);
+        self.bundles.extend(more.bundles);
+        self.install_first.extend(more.install_first);
+        self.install_last.extend(more.install_last);
+        self.after_install.extend(more.after_install);
+    }
+}
+
+/// Parses a built-in profile: it may only describe files, not a setup.
+fn parse_profile(name: &str, text: &str) -> Result<(Source, File)> {
+    let src = Source {
+        path: PathBuf::from(format!("(profile {name})")),
+        text: text.to_string(),
+    };
+    let file: File = match toml::from_str(&src.text) {
+        Ok(f) => f,
+        Err(e) => match e.span() {
+            Some(span) => return src.err(span, e.message().trim()),
+            None => bail!("{}: {}", src.path.display(), e.message().trim()),
+        },
+    };
+    let setup = file.root.is_some()
+        || file.state_dir.is_some()
+        || !file.peers.is_empty()
+        || file.profile.is_some()
+        || file.post_apply.is_some();
+    if setup {
+        bail!(
+            "{}: a profile describes files only (no root, peers, profile or post_apply)",
+            src.path.display()
+        );
+    }
+    Ok((src, file))
+}
+
+/// Checks a built-in profile (for tests).
+pub fn check_profile(name: &str, text: &str) -> Result<()> {
+    let (src, file) = parse_profile(name, text)?;
+    AppRules::of(&src, &file).map(|_| ())
+}
+
+/// The rules of the profile called `name`.
+fn profile_rules(name: &str) -> Result<AppRules> {
+    let Some((_, text)) = crate::rules::PROFILES.iter().find(|(n, _)| *n == name) else {
+        let known: Vec<&str> = crate::rules::PROFILES.iter().map(|(n, _)| *n).collect();
+        bail!("unknown profile {name:?} (there is {})", known.join(", "));
+    };
+    let (src, file) = parse_profile(name, text)?;
+    AppRules::of(&src, &file)
 }
 
 #[derive(Deserialize)]
@@ -318,13 +449,21 @@ impl Settings {
             (None, None) => root.join(crate::exclude::STATE_DIR),
         };
 
-        let mut excludes = Vec::new();
-        for e in &file.exclude {
-            if let Err(err) = Excludes::new(std::slice::from_ref(e.get_ref())) {
-                return src.err(e.span(), format!("{err:#}"));
-            }
-            excludes.push(e.get_ref().clone());
-        }
+        let profile = match (&cli.profile, &file.profile) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(p)) => Some(p.get_ref().clone()),
+            (None, None) => None,
+        };
+        let mut rules = match (&profile, &file.profile) {
+            (Some(p), Some(sp)) if cli.profile.is_none() => match profile_rules(p) {
+                Ok(r) => r,
+                Err(e) => return src.err(sp.span(), format!("{e:#}")),
+            },
+            (Some(p), _) => profile_rules(p)?,
+            (None, _) => AppRules::default(),
+        };
+        rules.extend(AppRules::of(&src, &file)?);
+        let mut excludes = std::mem::take(&mut rules.excludes);
         excludes.extend(cli.excludes.iter().cloned());
         Excludes::new(&excludes)?;
 
@@ -470,19 +609,13 @@ impl Settings {
                 None => src.abs_path(&file.metrics_file, "metrics_file")?,
             },
             config_file,
-            merges: {
-                let mut merges = Vec::new();
-                for m in &file.merges {
-                    if let Err(e) = m.get_ref().check() {
-                        return src.err(m.span(), e);
-                    }
-                    if let Err(e) = globset::Glob::new(&m.get_ref().glob) {
-                        return src.err(m.span(), format!("merge glob: {e}"));
-                    }
-                    merges.push(m.get_ref().clone());
-                }
-                merges
-            },
+            merges: rules.merges,
+            profile,
+            bundles: rules.bundles,
+            install_first: rules.install_first,
+            install_last: rules.install_last,
+            after_install: rules.after_install,
+            post_apply: file.post_apply.clone().filter(|c| !c.trim().is_empty()),
         })
     }
 }

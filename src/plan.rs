@@ -164,6 +164,9 @@ pub enum Action {
     /// `.hubsync/conflicts/`, then install the result.
     KeepAndReplace,
     Remove,
+    /// This replica's own change lost to a deletion (decided by a bundle's leader):
+    /// keep it under `.hubsync/conflicts/`, then remove the path.
+    KeepAndRemove,
     /// Same content; only permission bits, mtime or owner change.
     SetMeta,
 }
@@ -180,6 +183,9 @@ pub enum Rule {
     ModifiedBeatsDeleted,
     /// A directory that still has (new) content cannot become a file or vanish.
     DirectoryHasContent,
+    /// The replica whose bundle leader (a changelog) changed last wins the
+    /// bundle's other files.
+    BundleLeader,
 }
 
 /// Why a path gets its result.
@@ -306,6 +312,7 @@ impl fmt::Display for PlanDisplay<'_> {
                         Rule::TieBreak => "equal mtimes, greater content hash",
                         Rule::ModifiedBeatsDeleted => "modified beats deleted",
                         Rule::DirectoryHasContent => "directory has new content",
+                        Rule::BundleLeader => "its changelog changed last there",
                     };
                     format!(
                         "CONFLICT: {} wins ({rule}) over {}",
@@ -329,6 +336,9 @@ impl fmt::Display for PlanDisplay<'_> {
                         "keep its version under .hubsync/conflicts/, then replace"
                     }
                     Action::Remove => "remove",
+                    Action::KeepAndRemove => {
+                        "keep its version under .hubsync/conflicts/, then remove"
+                    }
                     Action::SetMeta => "set mode/mtime",
                 };
                 writeln!(f, "    {}: {a}{from}", self.names([r]))?;

@@ -68,6 +68,9 @@ pub struct Input<'a> {
     /// Files whose conflicting versions are merged (their lines united) instead of
     /// one winning: append-only logs.
     pub mergeable: Option<&'a globset::GlobSet>,
+    /// Files that follow a leader: when several replicas changed one differently,
+    /// the replica whose leader changed last wins it.
+    pub bundles: &'a [crate::rules::Bundle],
 }
 
 /// A replica's state at one path, borrowed from the input.
@@ -209,7 +212,7 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
         .chain(input.peers.iter().map(|p| p.clock_ok))
         .collect();
 
-    for &path in &paths {
+    let make_row = |path: &'a RelPath| -> Row<'a> {
         let mut row = Row {
             path,
             states: SmallVec::with_capacity(n),
@@ -236,7 +239,12 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
                 },
             }));
         }
+        row
+    };
+    let winners = bundle_winners(input.bundles, &paths, &make_row, &clock_ok);
 
+    for &path in &paths {
+        let row = make_row(path);
         while stack.last().is_some_and(|o| !o.path.is_ancestor_of(path)) {
             settle(&mut stack, &mut plan, &ctx);
         }
@@ -251,7 +259,12 @@ pub fn reconcile<'a>(input: &Input<'a>) -> Plan {
             })
         } else {
             let merge = input.mergeable.is_some_and(|g| g.is_match(path.as_path()));
-            decide(row, &clock_ok, merge)
+            let leader = if merge {
+                None
+            } else {
+                winners.get(path).copied()
+            };
+            decide(row, &clock_ok, merge, leader)
         };
         let skipping = decision.as_ref().is_some_and(|d| d.skip.is_some());
         stack.push(Open {
@@ -305,9 +318,97 @@ fn settle(stack: &mut Vec<Open<'_>>, plan: &mut Plan, ctx: &Ctx<'_>) {
     }
 }
 
+/// Which replicas changed the path since their agreed state (the hub counts when it
+/// differs from a changed peer's agreed state), hub first; empty when nobody did.
+fn candidates_of(row: &Row<'_>) -> Vec<usize> {
+    let n = row.states.len();
+    let Some(h) = row.states[HUB] else {
+        return vec![];
+    };
+    let version_of = |r: usize| row.states[r].and_then(St::version);
+    let changed: Vec<usize> = (1..n)
+        .filter(|&i| {
+            row.states[i].is_some()
+                && match row.agreed[i] {
+                    None => version_of(i).is_some(),
+                    Some(a) => !same(version_of(i), a),
+                }
+        })
+        .collect();
+    let hub_changed_vs = |i: usize| match row.agreed[i] {
+        None => h.version().is_some(),
+        Some(a) => !same(h.version(), a),
+    };
+    let hub_changed = if changed.is_empty() {
+        // Only the hub changed it (compared with every peer's agreed state).
+        (1..n).any(|i| row.states[i].is_some() && hub_changed_vs(i))
+    } else {
+        changed.iter().any(|&i| hub_changed_vs(i))
+    };
+    let mut candidates = changed;
+    if hub_changed {
+        candidates.insert(0, HUB);
+    }
+    candidates
+}
+
+/// For every follower of a bundle whose leader changed this run: the replica whose
+/// leader version is the newest among those that changed it. Leaders whose changes
+/// cannot be compared (a skipped state, a peer with a bad clock among several
+/// changers) decide nothing.
+fn bundle_winners<'a>(
+    bundles: &[crate::rules::Bundle],
+    paths: &[&'a RelPath],
+    make_row: &dyn Fn(&'a RelPath) -> Row<'a>,
+    clock_ok: &[bool],
+) -> std::collections::HashMap<RelPath, usize> {
+    let mut winners = std::collections::HashMap::new();
+    if bundles.is_empty() {
+        return winners;
+    }
+    for &path in paths {
+        for b in bundles {
+            let Some(id) = b.leader_id(path) else {
+                continue;
+            };
+            let row = make_row(path);
+            if row
+                .states
+                .iter()
+                .flatten()
+                .any(|s| matches!(s, St::Skip(_)))
+            {
+                continue;
+            }
+            let candidates = candidates_of(&row);
+            if candidates.len() > 1 && candidates.iter().any(|&r| !clock_ok[r]) {
+                continue;
+            }
+            let newest = candidates
+                .iter()
+                .filter_map(|&r| row.states[r].and_then(St::version).map(|v| (r, v)))
+                .max_by(|a, b| a.1.precedence(b.1));
+            if let Some((w, _)) = newest {
+                for f in &b.followers {
+                    if let Some(fp) = f.fill(id) {
+                        winners.insert(fp, w);
+                    }
+                }
+            }
+        }
+    }
+    winners
+}
+
 /// Decides one path; `None` when every replica already holds the agreed version
-/// (the common case, kept free of allocation).
-fn decide<'a>(row: Row<'a>, clock_ok: &[bool], mergeable: bool) -> Option<Decision<'a>> {
+/// (the common case, kept free of allocation). `leader`: the replica whose change
+/// of this path's bundle leader came last, if the path follows one.
+fn decide<'a>(
+    row: Row<'a>,
+    clock_ok: &[bool],
+    mergeable: bool,
+    leader: Option<usize>,
+) -> Option<Decision<'a>> {
     let n = row.states.len();
     let h = row.states[HUB].expect("the hub always takes part");
     if let Some(why) = row.states.iter().flatten().find_map(|s| match s {
@@ -368,6 +469,8 @@ fn decide<'a>(row: Row<'a>, clock_ok: &[bool], mergeable: bool) -> Option<Decisi
             Reason::CatchUp
         };
         (h.version().cloned(), reason)
+    } else if let Some(d) = leader.and_then(|w| follow_leader(w, &candidates, version_of)) {
+        d
     } else {
         resolve(&candidates, version_of, mergeable)
     };
@@ -389,6 +492,47 @@ fn decide<'a>(row: Row<'a>, clock_ok: &[bool], mergeable: bool) -> Option<Decisi
         reason,
         skip,
     })
+}
+
+/// A follower changed differently on several replicas: the version of `winner`
+/// (the replica whose bundle leader changed last), absence included. `None` when
+/// the rule does not apply: no real conflict, the winner did not change this path
+/// itself, or a directory is involved (directories follow their contents).
+fn follow_leader<'a>(
+    winner: usize,
+    candidates: &[usize],
+    version_of: impl Fn(usize) -> Option<&'a Version>,
+) -> Option<(Option<Version>, Reason)> {
+    if !candidates.contains(&winner) {
+        return None;
+    }
+    let winning = version_of(winner);
+    let losers: Replicas = candidates
+        .iter()
+        .copied()
+        .filter(|&r| !same(version_of(r), winning))
+        .collect();
+    let any_dir = candidates
+        .iter()
+        .any(|&r| version_of(r).is_some_and(Version::is_dir));
+    if losers.is_empty() || any_dir {
+        return None;
+    }
+    let content_differs = candidates.iter().any(|&r| match (version_of(r), winning) {
+        (Some(v), Some(w)) => !v.same_content(w),
+        (a, b) => a.is_some() != b.is_some(),
+    });
+    if !content_differs {
+        return None; // metadata only: the usual newest-wins rule is right
+    }
+    Some((
+        winning.cloned(),
+        Reason::Conflict {
+            winner,
+            losers,
+            rule: Rule::BundleLeader,
+        },
+    ))
 }
 
 /// Picks the result among the candidates' versions (steps 3 and 4 of the model).
@@ -534,6 +678,9 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
         }
         let action = match (&result, cur) {
             (None, None) => continue,
+            // Only a bundle's leader can make a deletion beat a change: the change
+            // is kept.
+            (None, Some(_)) if d.candidates.contains(&r) => Action::KeepAndRemove,
             (None, Some(_)) => Action::Remove,
             (Some(_), None) => Action::Create,
             // A merge contains every candidate's lines: nothing to keep aside.

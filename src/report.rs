@@ -88,6 +88,7 @@ impl Done {
     fn verb(&self) -> &'static str {
         match self.action {
             Action::Remove => "removed",
+            Action::KeepAndRemove => "removed (its own version kept as a conflict copy)",
             Action::SetMeta => "metadata",
             Action::Create => "created",
             Action::Replace => "replaced",

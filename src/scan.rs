@@ -481,7 +481,7 @@ pub fn scan(
 }
 
 /// A directory's entries (without `.` and `..`), sorted bytewise.
-fn list_dir(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, FileType)>> {
+pub(crate) fn list_dir(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, FileType)>> {
     let mut dir = rustix::fs::Dir::read_from(fd)?;
     let mut names = Vec::new();
     while let Some(e) = dir.read() {

@@ -26,7 +26,8 @@ use crate::archive::{self, CacheEntry, PairRecord, ReplicaId, StateError, Token}
 use crate::exclude::Excludes;
 use crate::lock::{Lock, LockError};
 use crate::proto::{
-    self, Expect, Op, OpError, Open, Opened, PairStatus, ProtoError, Request, Response, ScanSummary,
+    self, Expect, GroupTag, IoLock, Op, OpError, Open, Opened, PairStatus, ProtoError, Request,
+    Response, ScanSummary,
 };
 use crate::relpath::RelPath;
 use crate::scan::{self, Snapshot};
@@ -36,6 +37,8 @@ use crate::version::{Entry, Mtime, State, Version};
 /// bytes, receiving waits for the sync in progress.
 const MAX_READY_FILES: usize = 4096;
 const MAX_READY_BYTES: u64 = 256 << 20;
+/// A `post_apply` command is stopped after this long.
+const POST_APPLY_LIMIT: Duration = Duration::from_secs(120);
 /// Entries are sent in frames of about this size.
 const ENTRIES_FRAME: usize = 1 << 20;
 
@@ -51,8 +54,42 @@ pub enum Flow {
     Close,
 }
 
+/// How a file being received is to be installed.
+struct Receiving {
+    expect: Expect,
+    keep: Option<String>,
+    group: Option<GroupTag>,
+}
+
 /// A received file, with the request id and conditions of its installation.
-type ReadyFile = (u32, Ready, Expect, Option<String>);
+struct ReadyFile {
+    id: u32,
+    ready: Ready,
+    how: Receiving,
+}
+
+/// An install group being gathered: its members are installed together once the
+/// hub says it sent them all and every one is here and synced.
+#[derive(Default)]
+struct Gathering {
+    lock: Option<IoLock>,
+    parts: Vec<(u32, Part)>,
+    /// Members being received or synced.
+    pending: u32,
+    /// A member failed: the group is dropped.
+    broken: bool,
+    /// From `GroupEnd`: how many members were sent, and whether that is all.
+    end: Option<(u32, bool)>,
+}
+
+enum Part {
+    File(ReadyFile),
+    Remove {
+        id: u32,
+        path: RelPath,
+        keep: Option<String>,
+    },
+}
 
 /// Received files whose sync is running; they are renamed into place after it.
 struct Syncing {
@@ -89,7 +126,8 @@ struct Session {
     share: Option<SnapshotSlot>,
     /// What we changed this session, for the scan cache (`None`: removed).
     applied: BTreeMap<RelPath, Option<CacheEntry>>,
-    incoming: HashMap<u32, (Incoming, Expect, Option<String>)>,
+    incoming: HashMap<u32, (Incoming, Receiving)>,
+    groups: HashMap<u32, Gathering>,
     /// Received files not yet part of a sync.
     ready: Vec<ReadyFile>,
     ready_bytes: u64,
@@ -102,6 +140,9 @@ struct Session {
     progress: Arc<scan::Progress>,
     /// Conflict copies older than this go when the session ends.
     retention: Option<std::time::Duration>,
+    /// What to invalidate after installing, and what to run then.
+    after_install: Vec<crate::rules::AfterInstall>,
+    post_apply: Option<String>,
 }
 
 /// One replica root, serving one session.
@@ -243,6 +284,12 @@ impl Server {
         crate::trace!("serve: pair records loaded");
         let pair_shared = o.pair_replica == Some(replica)
             && matches!((&status, o.pair), (PairStatus::Present(t), Some(h)) if *t == h);
+        let after_install = (o.after_install.iter())
+            .map(|r| r.compile())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                anyhow::anyhow!("the hub sent an after_install rule that is wrong: {e}")
+            })?;
         self.session = Some(Session {
             root,
             excludes,
@@ -256,6 +303,7 @@ impl Server {
             share: self.share.clone(),
             applied: BTreeMap::new(),
             incoming: HashMap::new(),
+            groups: HashMap::new(),
             ready: Vec::new(),
             ready_bytes: 0,
             syncing: None,
@@ -265,6 +313,8 @@ impl Server {
             committed: None,
             progress: self.progress.clone(),
             retention: None,
+            after_install,
+            post_apply: o.post_apply.clone(),
         });
         let _ = warning; // reported through the replica id change itself
         // Test hook: pretend this replica's clock is off by this many seconds.
@@ -310,8 +360,22 @@ impl Server {
         if let Some(r) = s.retention.filter(|_| !s.dry_run) {
             crate::conflicts::prune(&self.root, r);
         }
-        for (_, (inc, _, _)) in s.incoming.drain() {
+        for (_, (inc, _)) in s.incoming.drain() {
             s.root.abort_put(inc);
+        }
+        // Groups the hub never completed: their members wait for the next run.
+        for (_, g) in std::mem::take(&mut s.groups) {
+            s.drop_group(g, out);
+        }
+        if !s.dry_run && !s.applied.is_empty() {
+            s.invalidate();
+            if let Some(cmd) = s.post_apply.clone()
+                && let Err(e) = s.run_post_apply(&cmd, &self.root)
+            {
+                out(Response::Warning(format!(
+                    "post_apply command {cmd:?}: {e}"
+                )));
+            }
         }
         let Some(snap) = s.snapshot.take() else {
             return;
@@ -403,6 +467,7 @@ impl Session {
                         version,
                         expect,
                         keep,
+                        group,
                     } => {
                         if !version.is_file() || self.dry_run {
                             return out(Response::Done {
@@ -412,10 +477,34 @@ impl Session {
                         }
                         match self.root.begin_put(&path, version) {
                             Ok(inc) => {
-                                self.incoming.insert(id, (inc, expect, keep));
+                                if let Some(tag) = &group {
+                                    let g = self.gathering(tag);
+                                    g.pending += 1;
+                                }
+                                let how = Receiving {
+                                    expect,
+                                    keep,
+                                    group,
+                                };
+                                self.incoming.insert(id, (inc, how));
                             }
-                            Err(e) => out(Response::Done { id, result: Err(e) }),
+                            Err(e) => {
+                                if let Some(tag) = &group {
+                                    self.gathering(tag).broken = true;
+                                }
+                                out(Response::Done { id, result: Err(e) })
+                            }
                         }
+                    }
+                    Op::Remove {
+                        path,
+                        keep,
+                        group: Some(tag),
+                    } => {
+                        let g = self.gathering(&tag);
+                        g.parts
+                            .push((tag.position, Part::Remove { id, path, keep }));
+                        self.try_complete(tag.group, out);
                     }
                     op => {
                         self.install_ready(out, Install::All);
@@ -425,31 +514,43 @@ impl Session {
                 }
             }
             Request::Data { id, bytes } => {
-                if let Some((inc, _, _)) = self.incoming.get_mut(&id) {
+                if let Some((inc, _)) = self.incoming.get_mut(&id) {
                     inc.write(&bytes);
                 }
             }
             Request::End { id } => {
-                let Some((inc, expect, keep)) = self.incoming.remove(&id) else {
+                let Some((inc, how)) = self.incoming.remove(&id) else {
                     return; // its Begin already failed and was answered
                 };
                 match self.root.finish_put(inc) {
                     Ok(ready) => {
                         self.ready_bytes += ready.version.size();
-                        self.ready.push((id, ready, expect, keep));
+                        self.ready.push(ReadyFile { id, ready, how });
                         self.install_ready(out, Install::Poll);
                     }
-                    Err(e) => out(Response::Done { id, result: Err(e) }),
+                    Err(e) => {
+                        out(Response::Done { id, result: Err(e) });
+                        self.member_failed(how.group.as_ref(), out);
+                    }
                 }
             }
             Request::Abort { id } => {
-                if let Some((inc, _, _)) = self.incoming.remove(&id) {
+                if let Some((inc, how)) = self.incoming.remove(&id) {
                     self.root.abort_put(inc);
                     out(Response::Done {
                         id,
                         result: Err(OpError::SourceChanged),
                     });
+                    self.member_failed(how.group.as_ref(), out);
                 }
+            }
+            Request::GroupEnd {
+                group,
+                members,
+                complete,
+            } => {
+                self.groups.entry(group).or_default().end = Some((members, complete));
+                self.try_complete(group, out);
             }
             Request::Commit {
                 changes,
@@ -721,9 +822,9 @@ impl Session {
                     }),
                 )
             }
-            Op::Remove { path } => {
+            Op::Remove { path, keep, .. } => {
                 let scanned = self.expected(&path, Expect::Scanned)?;
-                self.root.remove(&path, scanned.as_ref())?;
+                self.root.remove(&path, scanned.as_ref(), keep.as_deref())?;
                 (path, None)
             }
             Op::SetMeta { path, version } => {
@@ -790,47 +891,238 @@ impl Session {
         }
     }
 
-    /// Renames a synced batch into place (or drops it if the sync failed).
+    /// Renames a synced batch into place (or drops it if the sync failed); members
+    /// of install groups go to their group instead.
     fn install_batch(
         &mut self,
         batch: Vec<ReadyFile>,
         synced: Result<(), OpError>,
         out: &mut dyn FnMut(Response),
     ) {
-        if let Err(e) = synced {
-            for (id, ready, _, _) in batch {
-                self.root.discard(ready);
+        for file in batch {
+            if let Err(e) = &synced {
+                self.root.discard(file.ready);
                 out(Response::Done {
-                    id,
+                    id: file.id,
                     result: Err(e.clone()),
                 });
+                self.member_failed(file.how.group.as_ref(), out);
+                continue;
             }
+            match file.how.group.clone() {
+                Some(tag) => {
+                    let g = self.gathering(&tag);
+                    g.pending = g.pending.saturating_sub(1);
+                    g.parts.push((tag.position, Part::File(file)));
+                    self.try_complete(tag.group, out);
+                }
+                None => self.install_one(file, out),
+            }
+        }
+    }
+
+    fn install_one(&mut self, file: ReadyFile, out: &mut dyn FnMut(Response)) {
+        let ReadyFile { id, ready, how } = file;
+        let scanned = match self.expected(&ready.path, how.expect) {
+            Ok(s) => s,
+            Err(e) => {
+                self.root.discard(ready);
+                return out(Response::Done { id, result: Err(e) });
+            }
+        };
+        let path = ready.path.clone();
+        let version = ready.version.clone();
+        let result = self
+            .root
+            .install(ready, scanned.as_ref(), how.keep.as_deref());
+        let result = result.map(|stat| {
+            self.applied.insert(
+                path.clone(),
+                Some(CacheEntry {
+                    path,
+                    version,
+                    stat,
+                    trusted: true,
+                }),
+            );
+        });
+        out(Response::Done { id, result });
+    }
+
+    /// The group `tag` belongs to, created on first sight.
+    fn gathering(&mut self, tag: &GroupTag) -> &mut Gathering {
+        let g = self.groups.entry(tag.group).or_default();
+        if g.lock.is_none() {
+            g.lock = tag.lock.clone();
+        }
+        g
+    }
+
+    /// A member of `group` failed on its way here: the group will be dropped.
+    fn member_failed(&mut self, group: Option<&GroupTag>, out: &mut dyn FnMut(Response)) {
+        if let Some(tag) = group {
+            let g = self.gathering(tag);
+            g.pending = g.pending.saturating_sub(1);
+            g.broken = true;
+            self.try_complete(tag.group, out);
+        }
+    }
+
+    /// Installs group `id` if everything for it is here, in its members' order and
+    /// holding its lock; drops it if it cannot be complete.
+    fn try_complete(&mut self, id: u32, out: &mut dyn FnMut(Response)) {
+        let ready = self
+            .groups
+            .get(&id)
+            .is_some_and(|g| g.end.is_some() && g.pending == 0);
+        if !ready {
             return;
         }
-        for (id, ready, expect, keep) in batch {
-            let scanned = match self.expected(&ready.path, expect) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.root.discard(ready);
-                    out(Response::Done { id, result: Err(e) });
-                    continue;
-                }
-            };
-            let path = ready.path.clone();
-            let version = ready.version.clone();
-            let result = self.root.install(ready, scanned.as_ref(), keep.as_deref());
-            let result = result.map(|stat| {
-                self.applied.insert(
-                    path.clone(),
-                    Some(CacheEntry {
+        let Some(mut g) = self.groups.remove(&id) else {
+            return;
+        };
+        let (members, complete) = g.end.unwrap_or((0, false));
+        if !complete || g.broken || g.parts.len() != members as usize {
+            return self.drop_group(g, out);
+        }
+        g.parts.sort_by_key(|p| p.0);
+        let _lock = g.lock.as_ref().and_then(|l| self.root.io_lock(l));
+        for (_, part) in g.parts {
+            match part {
+                Part::File(f) => self.install_one(f, out),
+                Part::Remove { id, path, keep } => {
+                    let result = self.apply(Op::Remove {
                         path,
-                        version,
-                        stat,
-                        trusted: true,
-                    }),
-                );
+                        keep,
+                        group: None,
+                    });
+                    out(Response::Done { id, result });
+                }
+            }
+        }
+    }
+
+    /// Answers every member of a group that will not be installed this run.
+    fn drop_group(&mut self, g: Gathering, out: &mut dyn FnMut(Response)) {
+        for (_, part) in g.parts {
+            let id = match part {
+                Part::File(f) => {
+                    self.root.discard(f.ready);
+                    f.id
+                }
+                Part::Remove { id, .. } => id,
+            };
+            out(Response::Done {
+                id,
+                result: Err(OpError::SourceChanged),
             });
-            out(Response::Done { id, result });
+        }
+    }
+
+    /// Removes what `after_install` rules name for the files installed this
+    /// session.
+    fn invalidate(&mut self) {
+        for k in 0..self.after_install.len() {
+            let rule = &self.after_install[k];
+            let mut since: Option<Mtime> = None;
+            let mut stamps = Vec::new();
+            for (path, entry) in &self.applied {
+                let Some(e) = entry.as_ref().filter(|e| e.version.is_file()) else {
+                    continue;
+                };
+                let Some(id) = rule.when.capture(path) else {
+                    continue;
+                };
+                stamps.extend(rule.remove.iter().filter_map(|p| p.fill(id)));
+                since = Some(since.map_or(e.version.mtime, |s| s.min(e.version.mtime)));
+            }
+            let Some(since) = since else { continue };
+            let rule = self.after_install[k].clone();
+            for p in stamps {
+                self.root.remove_derived(&p);
+            }
+            // A second's margin: caches are compared by whole seconds.
+            let since = Mtime::new(since.secs - 1, since.nanos);
+            let mut removed = 0;
+            for top in &rule.newer_roots {
+                let matches = |p: &RelPath| rule.remove_newer.is_match(p.as_path());
+                removed += self.root.remove_newer(top, &matches, since);
+            }
+            crate::trace!(
+                "serve: after_install {}: {removed} cache file(s) removed",
+                rule.when.as_str()
+            );
+        }
+    }
+
+    /// Runs the `post_apply` command in the root with the changed paths on stdin,
+    /// for at most two minutes.
+    fn run_post_apply(&self, cmd: &str, root: &Path) -> Result<()> {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(root)
+            .env("HUBSYNC_ROOT", root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start it: {e}"))?;
+        // Read its complaints as they come, so that a chatty command cannot block.
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut e, &mut all);
+                String::from_utf8_lossy(&all).into_owned()
+            })
+        });
+        if let Some(mut stdin) = child.stdin.take() {
+            let mut list = Vec::new();
+            for p in self.applied.keys() {
+                list.extend_from_slice(p.as_bytes());
+                list.push(b'\n');
+            }
+            // On its own thread: a command that does not read its input must not
+            // block us (it gets EPIPE when it exits).
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&list);
+            });
+        }
+        let deadline = Instant::now() + POST_APPLY_LIMIT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if status.success() {
+                    return Ok(());
+                }
+                let err = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+                let tail: String = err
+                    .trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .chars()
+                    .take(300)
+                    .collect();
+                anyhow::bail!(
+                    "it failed ({status}){}",
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {tail}")
+                    }
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!(
+                    "it ran longer than {} s and was stopped",
+                    POST_APPLY_LIMIT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

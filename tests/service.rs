@@ -74,7 +74,11 @@ fn check_reports_a_healthy_setup_line_by_line() {
     assert_eq!(r.code(), 0, "{}{}", r.stdout(), r.stderr());
     let out = r.stdout();
     assert!(out.lines().all(|l| l.starts_with("ok")), "{out}");
-    assert!(out.contains("r1: speaks hubsync protocol 1"), "{out}");
+    let speaks = format!(
+        "r1: speaks hubsync protocol {}",
+        hubsync::proto::PROTOCOL_VERSION
+    );
+    assert!(out.contains(&speaks), "{out}");
     assert!(
         out.contains("r2: root exists and is writable, its lock is free"),
         "{out}"

@@ -161,11 +161,11 @@ fn directories_are_removed_only_when_empty() {
     std::fs::write(d.path().join("ns/keep"), "x").unwrap();
     let seen = scanned(d.path(), "ns");
     let mut r = root(d.path());
-    let err = r.remove(&rp("ns"), seen.as_ref()).unwrap_err();
+    let err = r.remove(&rp("ns"), seen.as_ref(), None).unwrap_err();
     assert!(matches!(err, OpError::Refused(_)), "{err:?}");
     assert!(d.path().join("ns/keep").exists());
     std::fs::remove_file(d.path().join("ns/keep")).unwrap();
-    r.remove(&rp("ns"), seen.as_ref()).unwrap();
+    r.remove(&rp("ns"), seen.as_ref(), None).unwrap();
     assert!(!d.path().join("ns").exists());
 }
 

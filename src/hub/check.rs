@@ -103,6 +103,8 @@ pub fn check(s: &Settings) -> Vec<CheckLine> {
             pair_replica: None,
             check: true,
             conflict_retention: None,
+            after_install: Vec::new(),
+            post_apply: None,
         }));
         conns.push(c);
     }

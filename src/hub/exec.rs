@@ -37,6 +37,8 @@ struct Task {
     replica: usize,
     action: Action,
     phase: u8,
+    /// Install order (see `Run::rank_of`); a grouped file takes its leader's.
+    rank: u8,
     id: u32,
     /// A file whose bytes arrive later (its operation is sent with the transfer).
     put_file: bool,
@@ -97,6 +99,8 @@ impl Exec {
 /// A merge: read every input version, unite their lines, send the result.
 struct MergeJob {
     item: usize,
+    rank: u8,
+    started: bool,
     inputs: Vec<(usize, crate::version::Version)>,
     bufs: Vec<Vec<u8>>,
     outstanding: usize,
@@ -140,6 +144,28 @@ pub(super) struct Exec {
     merged: HashMap<usize, crate::version::Version>,
     /// Why tasks failed (`Outcome::Failed` indexes it).
     errors: Vec<OpError>,
+    /// File tasks not finished, by rank: a rank starts once those before it are done.
+    rank_left: [usize; 3],
+    /// Install groups (a page and its changelog on one replica) and, per task, its
+    /// group and place in it.
+    groups: Vec<GroupRun>,
+    task_group: HashMap<usize, (usize, u32)>,
+    /// Grouped tasks already sent whole or failed (counted once).
+    group_resolved: std::collections::HashSet<usize>,
+    /// Groups whose members are all resolved: `GroupEnd` is due.
+    group_ends: Vec<usize>,
+}
+
+/// One install group on one replica.
+struct GroupRun {
+    replica: usize,
+    id: u32,
+    lock: Option<crate::proto::IoLock>,
+    tasks: Vec<usize>,
+    planned: u32,
+    resolved: u32,
+    sent: u32,
+    complete: bool,
 }
 
 /// What execution did: per plan item, which replicas carried out their action
@@ -193,6 +219,7 @@ impl Run<'_> {
                     replica: r,
                     action,
                     phase,
+                    rank: 1,
                     id,
                     put_file,
                     sent: false,
@@ -208,6 +235,8 @@ impl Run<'_> {
                 if ok {
                     ex.merges.push(MergeJob {
                         item: ii,
+                        rank: 1,
+                        started: false,
                         inputs: item.merge.to_vec(),
                         bufs: vec![Vec::new(); item.merge.len()],
                         outstanding: 0,
@@ -241,6 +270,7 @@ impl Run<'_> {
                 }
             }
         }
+        self.plan_groups_and_ranks(&mut ex);
         // Immediate operations, in the order that keeps each tree valid.
         let mut order: Vec<usize> = (0..ex.tasks.len())
             .filter(|&t| ex.tasks[t].outcome == Outcome::Pending && !ex.tasks[t].put_file)
@@ -263,15 +293,14 @@ impl Run<'_> {
                 self.send_task(&mut ex, t);
             }
         }
-        for j in 0..ex.merges.len() {
-            self.start_merge(&mut ex, plan, j);
-        }
         ex.progress = self.progress_bar(&ex);
         self.exec = Some(ex);
         loop {
             self.reap();
+            self.start_merges(plan);
             self.start_transfers(plan);
             self.send_later();
+            self.send_group_ends();
             let ex = self.exec.as_ref().expect("set above");
             if let Some(bar) = &ex.progress {
                 let done = ex.tasks.len() - ex.remaining;
@@ -299,6 +328,135 @@ impl Run<'_> {
             ..Default::default()
         });
         outcomes
+    }
+
+    /// Decides each file task's install rank and install group: a bundle's leader
+    /// and the files installed with it, on one replica, form a group when more
+    /// than one of them changes there. Then orders the transfer queue by rank and
+    /// keeps a group's members next to each other.
+    fn plan_groups_and_ranks(&self, ex: &mut Exec) {
+        let plan = ex.plan.clone();
+        // (replica, leader) -> [(task, position)]
+        let mut members: std::collections::BTreeMap<(usize, RelPath), Vec<(usize, u32)>> =
+            Default::default();
+        let mut locks: HashMap<RelPath, Option<crate::proto::IoLock>> = HashMap::new();
+        for t in 0..ex.tasks.len() {
+            let task = &ex.tasks[t];
+            let item = &plan.items[task.item];
+            // A file installed with its leader takes the leader's rank (a group
+            // never waits for a rank that waits for it).
+            let anchor = self
+                .s
+                .bundles
+                .iter()
+                .find_map(|b| b.together_with(&item.path));
+            ex.tasks[t].rank = self.rank_of(anchor.as_ref().map_or(&item.path, |a| &a.0));
+            let task = &ex.tasks[t];
+            let groupable = task.outcome == Outcome::Pending
+                && (task.put_file
+                    || matches!(task.action, Action::Remove | Action::KeepAndRemove)
+                        && item.result.is_none());
+            if !groupable {
+                continue;
+            }
+            for b in &self.s.bundles {
+                let place = b.together_with(&item.path).or_else(|| {
+                    b.leader_id(&item.path)
+                        .map(|_| (item.path.clone(), b.together.len()))
+                });
+                if let Some((leader, pos)) = place {
+                    locks.entry(leader.clone()).or_insert_with(|| {
+                        b.lock_dir.clone().map(|dir| crate::proto::IoLock {
+                            dir,
+                            of: leader.clone(),
+                        })
+                    });
+                    members
+                        .entry((task.replica, leader))
+                        .or_default()
+                        .push((t, pos as u32));
+                    break;
+                }
+            }
+        }
+        for ((replica, leader), list) in members {
+            if list.len() < 2 {
+                continue;
+            }
+            let g = ex.groups.len();
+            ex.groups.push(GroupRun {
+                replica,
+                id: g as u32,
+                lock: locks.get(&leader).cloned().flatten(),
+                tasks: list.iter().map(|&(t, _)| t).collect(),
+                planned: list.len() as u32,
+                resolved: 0,
+                sent: 0,
+                complete: true,
+            });
+            for (t, pos) in list {
+                ex.task_group.insert(t, (g, pos));
+            }
+        }
+        for t in &ex.tasks {
+            if t.put_file && t.outcome == Outcome::Pending {
+                ex.rank_left[t.rank as usize] += 1;
+            }
+        }
+        for m in &mut ex.merges {
+            m.rank = m.dests.first().map_or(1, |&d| ex.tasks[d].rank);
+        }
+        // Rank first; then a group's members together, leader last; else path order.
+        let key = |q: &Queued| {
+            let t = q.first_task as usize;
+            let path = &plan.items[q.item as usize].path;
+            let (anchor, pos) = match self.s.bundles.iter().find_map(|b| b.together_with(path)) {
+                Some((leader, pos)) => (leader, pos as u32),
+                None => (path.clone(), u32::MAX),
+            };
+            (ex.tasks[t].rank, anchor, pos)
+        };
+        let mut queue: Vec<(_, Queued)> = ex.queue.drain(..).map(|q| (key(&q), q)).collect();
+        queue.sort_by(|a, b| a.0.cmp(&b.0));
+        ex.queue = queue.into_iter().map(|(_, q)| q).collect();
+    }
+
+    /// Starts the merges whose rank is open.
+    fn start_merges(&mut self, plan: &Plan) {
+        let Some(mut ex) = self.exec.take() else {
+            return;
+        };
+        for j in 0..ex.merges.len() {
+            if !ex.merges[j].started && ex.rank_open(ex.merges[j].rank) {
+                ex.merges[j].started = true;
+                self.start_merge(&mut ex, plan, j);
+            }
+        }
+        self.exec = Some(ex);
+    }
+
+    /// Tells each replica which of its install groups are complete.
+    fn send_group_ends(&mut self) {
+        let Some(mut ex) = self.exec.take() else {
+            return;
+        };
+        for g in std::mem::take(&mut ex.group_ends) {
+            let group = &ex.groups[g];
+            let r = group.replica;
+            self.reps[r].conn.send(Request::GroupEnd {
+                group: group.id,
+                members: group.sent,
+                complete: group.complete,
+            });
+            // Now it owes an answer for every member it has.
+            for &t in &ex.groups[g].tasks {
+                if ex.tasks[t].sent && ex.tasks[t].outcome == Outcome::Pending {
+                    ex.tasks[t].counted = true;
+                    self.reps[r].pending += 1;
+                }
+            }
+        }
+        self.exec = Some(ex);
     }
 
     /// Asks every input of merge `j` for its whole content.
@@ -384,8 +542,7 @@ impl Run<'_> {
                 });
             }
             self.reps[r].conn.send(Request::End { id });
-            ex.tasks[d].counted = true;
-            self.reps[r].pending += 1;
+            self.owe_answer(ex, d);
         }
     }
 
@@ -432,15 +589,24 @@ impl Run<'_> {
         let task = &ex.tasks[t];
         let item = &ex.plan.items[task.item];
         let path = item.path.clone();
-        let keep = (task.action == Action::KeepAndReplace).then(|| self.keep_suffix(task.replica));
+        let keep = matches!(task.action, Action::KeepAndReplace | Action::KeepAndRemove)
+            .then(|| self.keep_suffix(task.replica));
         let expect = if task.action == Action::Create {
             Expect::Absent
         } else {
             Expect::Scanned
         };
         let version = ex.merged.get(&task.item).or(item.result.as_ref()).cloned();
+        let group = ex
+            .task_group
+            .get(&t)
+            .map(|&(g, position)| crate::proto::GroupTag {
+                group: ex.groups[g].id,
+                position,
+                lock: ex.groups[g].lock.clone(),
+            });
         match (version, task.action) {
-            (None, _) => Op::Remove { path },
+            (None, _) => Op::Remove { path, keep, group },
             (Some(version), Action::SetMeta) => Op::SetMeta { path, version },
             (Some(version), _) => match version.kind {
                 Kind::Dir => Op::Mkdir {
@@ -460,6 +626,7 @@ impl Run<'_> {
                     version,
                     expect,
                     keep,
+                    group,
                 },
             },
         }
@@ -471,13 +638,29 @@ impl Run<'_> {
         debug_assert!(!task.sent, "sent once");
         task.sent = true;
         let rep = &mut self.reps[task.replica];
-        // A file being received owes us nothing until we have sent all of it.
-        if !matches!(op, Op::PutFile { .. }) {
+        let grouped = ex.task_group.contains_key(&t);
+        // A file being received owes us nothing until we have sent all of it, nor
+        // a group member until its whole group was sent.
+        let whole = !matches!(op, Op::PutFile { .. });
+        if whole && !grouped {
             task.counted = true;
             rep.pending += 1;
         }
         rep.conn.send(Request::Op { id: task.id, op });
         ex.by_id.insert((task.replica, task.id), Waiting::Task(t));
+        if whole {
+            resolve_member(ex, t, true);
+        }
+    }
+
+    /// All of task `t`'s data was sent: from now on the replica owes us its answer
+    /// (a group member's, once the group is complete).
+    fn owe_answer(&mut self, ex: &mut Exec, t: usize) {
+        if !ex.task_group.contains_key(&t) {
+            ex.tasks[t].counted = true;
+            self.reps[ex.tasks[t].replica].pending += 1;
+        }
+        resolve_member(ex, t, true);
     }
 
     /// Fails what depends on replicas that are gone (only when one has gone since
@@ -562,6 +745,12 @@ impl Run<'_> {
             return;
         };
         while ex.active.len() < MAX_ACTIVE && ex.in_flight < IN_FLIGHT {
+            let Some(&front) = ex.queue.front() else {
+                break;
+            };
+            if !ex.rank_open(ex.tasks[front.first_task as usize].rank) {
+                break;
+            }
             let Some(q) = ex.queue.pop_front() else {
                 break;
             };
@@ -654,13 +843,13 @@ impl Run<'_> {
 
     fn end_transfer(&mut self, ex: &mut Exec, tr: usize) {
         mark_done(ex, tr);
-        let x = &ex.transfers[tr];
-        for &d in &x.dests {
+        for d in ex.transfers[tr].dests.clone() {
             if ex.tasks[d].outcome == Outcome::Pending {
                 let task = &ex.tasks[d];
                 self.reps[task.replica]
                     .conn
                     .send(Request::End { id: task.id });
+                self.owe_answer(ex, d);
             }
         }
     }
@@ -802,7 +991,7 @@ impl Run<'_> {
                     let size = item.result.as_ref().map_or(0, |v| v.size());
                     let rep = &mut self.reps[t.replica];
                     match t.action {
-                        Action::Remove => rep.report.removed += 1,
+                        Action::Remove | Action::KeepAndRemove => rep.report.removed += 1,
                         Action::SetMeta => rep.report.metadata += 1,
                         Action::KeepAndReplace | Action::Create | Action::Replace => {
                             // Directories are counted by the files they bring.
@@ -1127,8 +1316,42 @@ fn finish_task(ex: &mut Exec, t: usize, result: Result<(), OpError>) {
     };
     let task = &mut ex.tasks[t];
     task.outcome = outcome;
+    if task.put_file {
+        // Tasks that fail before ranks are counted were never counted.
+        let left = &mut ex.rank_left[task.rank as usize];
+        *left = left.saturating_sub(1);
+    }
     ex.remaining -= 1;
     if task.phase < 3 {
         ex.earlier_left[task.replica] -= 1;
+    }
+    resolve_member(ex, t, outcome == Outcome::Ok);
+}
+
+/// A grouped task was sent whole (`ok`) or will not be: once every member of its
+/// group is one or the other, the group's `GroupEnd` is due.
+fn resolve_member(ex: &mut Exec, t: usize, ok: bool) {
+    let Some(&(g, _)) = ex.task_group.get(&t) else {
+        return;
+    };
+    if !ex.group_resolved.insert(t) {
+        return;
+    }
+    let group = &mut ex.groups[g];
+    group.resolved += 1;
+    if ok {
+        group.sent += 1;
+    } else {
+        group.complete = false;
+    }
+    if group.resolved == group.planned {
+        ex.group_ends.push(g);
+    }
+}
+
+impl Exec {
+    /// Whether files of `rank` may start: every file of an earlier rank is done.
+    fn rank_open(&self, rank: u8) -> bool {
+        self.rank_left[..rank as usize].iter().all(|&n| n == 0)
     }
 }

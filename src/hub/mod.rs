@@ -105,6 +105,8 @@ struct Run<'a> {
     /// Paths whose conflicting versions are merged, and how.
     mergeable: Option<globset::GlobSet>,
     merge_rules: Vec<(globset::GlobMatcher, crate::merge::MergeRule)>,
+    install_first: globset::GlobSet,
+    install_last: globset::GlobSet,
 }
 
 /// Replies waiting for the hub to handle them, at most.
@@ -245,6 +247,8 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         records: Vec::new(),
         saved_gen: None,
         mergeable: None,
+        install_first: globset::GlobSet::empty(),
+        install_last: globset::GlobSet::empty(),
         merge_rules: Vec::new(),
     };
     run.compile_merges()?;
@@ -278,7 +282,31 @@ impl Run<'_> {
         if !self.merge_rules.is_empty() {
             self.mergeable = Some(set.build().map_err(|e| anyhow!("{e}"))?);
         }
+        let globs = |list: &[String]| -> Result<globset::GlobSet, RunError> {
+            let mut set = globset::GlobSetBuilder::new();
+            for g in list {
+                let glob = globset::GlobBuilder::new(g)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| anyhow!("install order glob {g:?}: {e}"))?;
+                set.add(glob);
+            }
+            Ok(set.build().map_err(|e| anyhow!("{e}"))?)
+        };
+        self.install_first = globs(&self.s.install_first)?;
+        self.install_last = globs(&self.s.install_last)?;
         Ok(())
+    }
+
+    /// When a file is installed relative to others: 0 first, 1 normally, 2 last.
+    pub(super) fn rank_of(&self, path: &crate::relpath::RelPath) -> u8 {
+        if self.install_first.is_match(path.as_path()) {
+            0
+        } else if self.install_last.is_match(path.as_path()) {
+            2
+        } else {
+            1
+        }
     }
 
     fn labels(&self) -> Vec<String> {
@@ -335,6 +363,8 @@ impl Run<'_> {
                 pair_replica,
                 check: false,
                 conflict_retention: Some(self.s.conflict_retention.as_secs()),
+                after_install: self.s.after_install.clone(),
+                post_apply: self.s.post_apply.clone(),
             }));
             rep.conn.send(Request::Scan { full: false });
         }
@@ -581,6 +611,7 @@ impl Run<'_> {
             let plan = {
                 let input = reconcile::Input {
                     mergeable: self.mergeable.as_ref(),
+                    bundles: &self.s.bundles,
                     hub: reconcile::Hub {
                         current: &snap.entries,
                         skipped: &snap.skipped,
@@ -621,10 +652,9 @@ impl Run<'_> {
                 .items
                 .iter()
                 .filter(|i| {
-                    i.actions
-                        .iter()
-                        .any(|(r, a)| r == victim && a == Action::Remove)
-                        && i.result.is_none()
+                    i.actions.iter().any(|(r, a)| {
+                        r == victim && matches!(a, Action::Remove | Action::KeepAndRemove)
+                    }) && i.result.is_none()
                 })
                 .collect();
             if removes.len() <= HANDFUL || removes.len() * 2 <= files {
@@ -672,10 +702,9 @@ impl Run<'_> {
             let losers = losers
                 .iter()
                 .map(|l| {
-                    let keeps = item
-                        .actions
-                        .iter()
-                        .any(|(r, a)| r == l && a == Action::KeepAndReplace);
+                    let keeps = item.actions.iter().any(|(r, a)| {
+                        r == l && matches!(a, Action::KeepAndReplace | Action::KeepAndRemove)
+                    });
                     let rep = &self.reps[l];
                     let kept = keeps.then(|| {
                         let rel = format!("{}.conflict-{}", item.path, self.keep_suffix(l));
@@ -721,7 +750,7 @@ impl Run<'_> {
                 }
                 let rep = &mut self.reps[r].report;
                 match a {
-                    Action::Remove => rep.removed += 1,
+                    Action::Remove | Action::KeepAndRemove => rep.removed += 1,
                     Action::SetMeta => rep.metadata += 1,
                     _ if item.result.as_ref().is_some_and(|v| v.is_dir()) => {}
                     _ => {

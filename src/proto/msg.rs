@@ -1,4 +1,4 @@
-//! The messages of protocol version 1.
+//! The messages of protocol version 2.
 //!
 //! The hub sends [`Request`]s and a replica answers with [`Response`]s, in order,
 //! except that file data is multiplexed by `id` so that many small files can be in
@@ -46,6 +46,14 @@ pub enum Request {
     Abort {
         id: u32,
     },
+    /// Every operation of install group `group` has been sent (`members` of them),
+    /// or some could not be (`complete` false: the group is dropped, its members
+    /// answered with an error and retried next run).
+    GroupEnd {
+        group: u32,
+        members: u32,
+        complete: bool,
+    },
     /// A chunk of the new agreed state of this pair, as changes to the old one (or,
     /// with `reset`, to an empty state); the last chunk carries the new token.
     /// Answered by `Committed` after the last.
@@ -74,6 +82,27 @@ pub struct Open {
     pub check: bool,
     /// Remove conflict copies older than this many seconds when the session ends.
     pub conflict_retention: Option<u64>,
+    /// What to invalidate after installing files (checked by the replica).
+    pub after_install: Vec<crate::rules::AfterInstallRule>,
+    /// Run in the root (by `sh -c`) after changes were applied, with the changed
+    /// paths on stdin.
+    pub post_apply: Option<String>,
+}
+
+/// Operations carried out together on a replica, in `position` order, once all of
+/// them are there (a page and its changelog), holding `lock` meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GroupTag {
+    pub group: u32,
+    pub position: u32,
+    pub lock: Option<IoLock>,
+}
+
+/// A lock directory `dir/md5(absolute path of of)`, as DokuWiki's `io_lock` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct IoLock {
+    pub dir: RelPath,
+    pub of: RelPath,
 }
 
 /// What a replica must find at a path before changing it.
@@ -92,6 +121,7 @@ pub enum Op {
         version: Version,
         expect: Expect,
         keep: Option<String>,
+        group: Option<GroupTag>,
     },
     PutSymlink {
         path: RelPath,
@@ -105,8 +135,13 @@ pub enum Op {
         expect: Expect,
         keep: Option<String>,
     },
-    /// Remove a file, a symlink or an empty directory.
-    Remove { path: RelPath },
+    /// Remove a file, a symlink or an empty directory; with `keep`, a file or
+    /// symlink is moved into the conflicts directory instead.
+    Remove {
+        path: RelPath,
+        keep: Option<String>,
+        group: Option<GroupTag>,
+    },
     /// Same content, new permission bits, mtime or owner.
     SetMeta { path: RelPath, version: Version },
 }
@@ -117,7 +152,7 @@ impl Op {
             Op::PutFile { path, .. }
             | Op::PutSymlink { path, .. }
             | Op::Mkdir { path, .. }
-            | Op::Remove { path }
+            | Op::Remove { path, .. }
             | Op::SetMeta { path, .. } => path,
         }
     }

@@ -61,6 +61,7 @@ struct TInput<'a> {
     hub: &'a [Entry],
     peers: Vec<TPeer<'a>>,
     mergeable: Option<&'a globset::GlobSet>,
+    bundles: &'a [crate::rules::Bundle],
 }
 
 struct TPeer<'a> {
@@ -144,6 +145,7 @@ fn reconcile_t(t: &TInput<'_>) -> Plan {
             })
             .collect(),
         mergeable: t.mergeable,
+        bundles: t.bundles,
     })
 }
 
@@ -199,6 +201,7 @@ fn render(plan: &Plan) -> Vec<String> {
                         Rule::TieBreak => "tie",
                         Rule::ModifiedBeatsDeleted => "modify>delete",
                         Rule::DirectoryHasContent => "dir-content",
+                        Rule::BundleLeader => "leader",
                     }
                 ),
             };
@@ -212,6 +215,7 @@ fn render(plan: &Plan) -> Vec<String> {
                         Action::Replace => "replace",
                         Action::KeepAndReplace => "keep",
                         Action::Remove => "remove",
+                        Action::KeepAndRemove => "keep-remove",
                         Action::SetMeta => "meta",
                     };
                     format!("{r}:{a}")
@@ -267,6 +271,18 @@ fn check_with(
     peers: &[Tree],
     expect: &[&str],
 ) {
+    check_rules(mergeable, &[], agreed, hub, peers, expect)
+}
+
+#[track_caller]
+fn check_rules(
+    mergeable: Option<&globset::GlobSet>,
+    bundles: &[crate::rules::Bundle],
+    agreed: &[Option<Tree>],
+    hub: Tree,
+    peers: &[Tree],
+    expect: &[&str],
+) {
     let hub_e = entries(&hub);
     let peer_e: Vec<Vec<Entry>> = peers.iter().map(entries).collect();
     let agreed_l: Vec<Option<Vec<(RelPath, Version)>>> =
@@ -283,6 +299,7 @@ fn check_with(
             })
             .collect(),
         mergeable,
+        bundles,
     };
     let got = render(&reconcile_t(&input));
     assert_eq!(got, expect, "\ngot:\n  {}\n", got.join("\n  "));
@@ -516,6 +533,7 @@ fn plan_of(agreed: &[Option<Tree>], hub: Tree, peers: &[Tree]) -> Plan {
             })
             .collect(),
         mergeable: None,
+        bundles: &[],
     })
 }
 
@@ -686,6 +704,7 @@ fn peers_not_taking_part_are_left_alone() {
             },
         ],
         mergeable: None,
+        bundles: &[],
     });
     assert_eq!(render(&plan), ["b = f:b@2 changed(0) <0 1:create"]);
     assert_eq!(plan.items[0].agree, Replicas::one(1));
@@ -713,6 +732,7 @@ fn delta_views_read_through_to_the_agreed_state() {
             clock_ok: true,
         }],
         mergeable: None,
+        bundles: &[],
     });
     assert_eq!(
         render(&plan),
@@ -730,6 +750,7 @@ fn delta_views_read_through_to_the_agreed_state() {
             clock_ok: true,
         }],
         mergeable: None,
+        bundles: &[],
     });
     assert!(plan.items.is_empty());
 }
@@ -757,6 +778,7 @@ fn paths_being_written_or_unreadable_are_left_alone() {
             clock_ok: true,
         }],
         mergeable: None,
+        bundles: &[],
     });
     assert_eq!(render(&plan), ["d skip", "d/a skip", "e skip"]);
     assert!(
@@ -783,6 +805,7 @@ fn conflicts_with_a_skewed_clock_are_left_alone_but_other_changes_flow() {
             clock_ok: false,
         }],
         mergeable: None,
+        bundles: &[],
     });
     assert_eq!(
         render(&plan),
@@ -949,6 +972,7 @@ fn plan_views(trees: &[Fs], agreed: &[Option<Fs>], absent: Option<usize>, deltas
             })
             .collect(),
         mergeable: None,
+        bundles: &[],
     })
 }
 
@@ -1095,4 +1119,193 @@ proptest! {
             }
         }
     }
+}
+
+fn dokuwiki_rules() -> (globset::GlobSet, Vec<crate::rules::Bundle>) {
+    let mut b = globset::GlobSetBuilder::new();
+    b.add(globset::Glob::new("**/*.changes").unwrap());
+    let bundle = crate::rules::BundleRule {
+        leader: "meta/{id}.changes".into(),
+        followers: vec!["pages/{id}.txt".into(), "meta/{id}.meta".into()],
+        install_with_leader: vec!["pages/{id}.txt".into()],
+        lock_dir: Some("locks".into()),
+    }
+    .compile()
+    .unwrap();
+    (b.build().unwrap(), vec![bundle])
+}
+
+/// Rows of the bundle rule: when several replicas changed a page bundle, the one
+/// whose changelog changed last wins the page and its metadata.
+#[test]
+fn a_bundle_leader_decides_for_its_followers() {
+    let (merge, bundles) = dokuwiki_rules();
+    let base = t(&[
+        ("meta/p.changes", f("c1", 10)),
+        ("meta/p.meta", f("m1", 10)),
+        ("pages/p.txt", f("v1", 10)),
+    ]);
+    let ag = [Some(base.clone())];
+
+    // Deleted on the hub (its changelog appended last), edited on the peer
+    // earlier: the deletion stands, the peer's edit is kept, not resurrected.
+    let deleted = t(&[
+        ("meta/p.changes", f("c1+D", 30)),
+        ("meta/p.meta", f("m-del", 30)),
+    ]);
+    let edited = t(&[
+        ("meta/p.changes", f("c1+E", 20)),
+        ("meta/p.meta", f("m-edit", 20)),
+        ("pages/p.txt", f("bob", 20)),
+    ]);
+    check_rules(
+        Some(&merge),
+        &bundles,
+        &ag,
+        deleted.clone(),
+        std::slice::from_ref(&edited),
+        &[
+            "meta/p.changes = f:c1+D@30 merge(0,1) 0:replace 1:replace",
+            "meta/p.meta = f:m-del@30 conflict(w=0 l=1 leader) <0 1:keep",
+            "pages/p.txt = - conflict(w=0 l=1 leader) 1:keep-remove",
+        ],
+    );
+    // Without the bundle the modification would win and the page come back.
+    check_with(
+        Some(&merge),
+        &ag,
+        deleted,
+        std::slice::from_ref(&edited),
+        &[
+            "meta/p.changes = f:c1+D@30 merge(0,1) 0:replace 1:replace",
+            "meta/p.meta = f:m-del@30 conflict(w=0 l=1 newest) <0 1:keep",
+            "pages/p.txt = f:bob@20 conflict(w=1 l=0 modify>delete) <1 0:create",
+        ],
+    );
+
+    // Saved on the peer; the hub only re-rendered the page's metadata later: the
+    // saving side's metadata wins although it is older.
+    let saved = t(&[
+        ("meta/p.changes", f("c1+S", 20)),
+        ("meta/p.meta", f("m-saved", 20)),
+        ("pages/p.txt", f("v2", 20)),
+    ]);
+    let rendered = t(&[
+        ("meta/p.changes", f("c1", 10)),
+        ("meta/p.meta", f("m-render", 25)),
+        ("pages/p.txt", f("v1", 10)),
+    ]);
+    check_rules(
+        Some(&merge),
+        &bundles,
+        &ag,
+        rendered,
+        std::slice::from_ref(&saved),
+        &[
+            "meta/p.changes = f:c1+S@20 changed(1) <1 0:replace",
+            "meta/p.meta = f:m-saved@20 conflict(w=1 l=0 leader) <1 0:keep",
+            "pages/p.txt = f:v2@20 changed(1) <1 0:replace",
+        ],
+    );
+
+    // Both saved: the later save wins the page (as newest-mtime would), the
+    // changelogs merge.
+    let a = t(&[
+        ("meta/p.changes", f("c1+A", 15)),
+        ("meta/p.meta", f("m-a", 15)),
+        ("pages/p.txt", f("alice", 15)),
+    ]);
+    check_rules(
+        Some(&merge),
+        &bundles,
+        &ag,
+        a,
+        std::slice::from_ref(&saved),
+        &[
+            "meta/p.changes = f:c1+S@20 merge(0,1) 0:replace 1:replace",
+            "meta/p.meta = f:m-saved@20 conflict(w=1 l=0 leader) <1 0:keep",
+            "pages/p.txt = f:v2@20 conflict(w=1 l=0 leader) <1 0:keep",
+        ],
+    );
+
+    // A follower changed on one side only is copied as usual, even against the
+    // leader's winner (an external edit is not undone).
+    let external = t(&[
+        ("meta/p.changes", f("c1", 10)),
+        ("meta/p.meta", f("m1", 10)),
+        ("pages/p.txt", f("ext", 40)),
+    ]);
+    let appended = t(&[
+        ("meta/p.changes", f("c1+x", 12)),
+        ("meta/p.meta", f("m1", 10)),
+        ("pages/p.txt", f("v1", 10)),
+    ]);
+    check_rules(
+        Some(&merge),
+        &bundles,
+        &ag,
+        external,
+        std::slice::from_ref(&appended),
+        &[
+            "meta/p.changes = f:c1+x@12 changed(1) <1 0:replace",
+            "pages/p.txt = f:ext@40 changed(0) <0 1:replace",
+        ],
+    );
+
+    // Only metadata (mode, mtime) differs: newest wins as always, no copy kept.
+    let touched = t(&[
+        ("meta/p.changes", f("c1+S", 20)),
+        ("meta/p.meta", f("m1", 50)),
+        ("pages/p.txt", f("v1", 10)),
+    ]);
+    let other = t(&[
+        ("meta/p.changes", f("c1+T", 25)),
+        ("meta/p.meta", f("m1", 40)),
+        ("pages/p.txt", f("v1", 10)),
+    ]);
+    check_rules(
+        Some(&merge),
+        &bundles,
+        &ag,
+        touched,
+        std::slice::from_ref(&other),
+        &[
+            "meta/p.changes = f:c1+T@25 merge(0,1) 0:replace 1:replace",
+            "meta/p.meta = f:m1@50 meta(0,1) 1:meta",
+        ],
+    );
+}
+
+/// The bundle rule with the hub as the only replica whose leader changed (the
+/// hub saved; a peer only re-rendered the metadata).
+#[test]
+fn the_hub_alone_can_lead_a_bundle() {
+    let (merge, bundles) = dokuwiki_rules();
+    let base = t(&[
+        ("meta/p.changes", f("c1", 10)),
+        ("meta/p.meta", f("m1", 10)),
+        ("pages/p.txt", f("v1", 10)),
+    ]);
+    let saved = t(&[
+        ("meta/p.changes", f("c1+S", 20)),
+        ("meta/p.meta", f("m-saved", 20)),
+        ("pages/p.txt", f("v2", 20)),
+    ]);
+    let rendered = t(&[
+        ("meta/p.changes", f("c1", 10)),
+        ("meta/p.meta", f("m-render", 25)),
+        ("pages/p.txt", f("v1", 10)),
+    ]);
+    check_rules(
+        Some(&merge),
+        &bundles,
+        &[Some(base.clone()), Some(base.clone())],
+        saved,
+        &[rendered, base.clone()],
+        &[
+            "meta/p.changes = f:c1+S@20 changed(0) <0 1:replace 2:replace",
+            "meta/p.meta = f:m-saved@20 conflict(w=0 l=1 leader) <0 1:keep 2:replace",
+            "pages/p.txt = f:v2@20 changed(0) <0 1:replace 2:replace",
+        ],
+    );
 }
