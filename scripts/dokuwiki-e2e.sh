@@ -25,6 +25,9 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(dirname "$HERE")"
 DWHTML=("python3" "$HERE/dokuwiki/dwhtml.py")
+# free_port, sshd_start (a private sshd on 127.0.0.1)
+# shellcheck source=SCRIPTDIR/lib/sshd.sh
+. "$HERE/lib/sshd.sh"
 KEEP=0
 MODE=auto
 while [ $# -gt 0 ]; do
@@ -102,9 +105,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 wait_port() {  # PORT: wait until something listens (5 s)
   for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
@@ -215,48 +215,13 @@ declare -A URL=([A]="http://127.0.0.1:$PORT_A" [B]="http://127.0.0.1:$PORT_B")
 DATA_A="$W/A/data"; DATA_B="$W/B/data"
 
 # ---------------------------------------------------------------- sshd on loopback
-S="$W/ssh"; mkdir -p "$S"
-ssh-keygen -q -t ed25519 -N '' -f "$S/host_key"
-ssh-keygen -q -t ed25519 -N '' -f "$S/id_ed25519"
-cp "$S/id_ed25519.pub" "$S/authorized_keys"
-SSH_USER="$(id -un)"
-start_sshd() {
-  local _try
-  for _try in 1 2 3; do
-    SSH_PORT=$(free_port)
-    cat >"$S/sshd_config" <<EOF
-ListenAddress 127.0.0.1:$SSH_PORT
-HostKey $S/host_key
-PidFile $S/sshd.pid
-AuthorizedKeysFile $S/authorized_keys
-AllowUsers $SSH_USER
-UsePAM no
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-MaxStartups 100:30:200
-EOF
-    setsid /usr/sbin/sshd -D -e -f "$S/sshd_config" >>"$S/sshd.log" 2>&1 &
-    PIDS+=($!)
-    local pid=$!
-    for _ in $(seq 100); do
-      if banner=$(timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$SSH_PORT; head -c 8 <&3" 2>/dev/null) \
-         && [ "$banner" = "SSH-2.0-" ]; then
-        return 0
-      fi
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.05
-    done
-  done
-  die "sshd did not start (see $S/sshd.log)"
-}
-start_sshd
-echo "[127.0.0.1]:$SSH_PORT $(cut -d' ' -f1,2 "$S/host_key.pub")" >"$S/known_hosts"
+S="$W/ssh"
+sshd_start "$S" || die "sshd did not start (see $S/sshd.log)"
+PIDS+=("$SSHD_PID")
 info "sshd on 127.0.0.1:$SSH_PORT (log $S/sshd.log)"
 
 # ---------------------------------------------------------------- hubsync
-SYNC_ARGS=(--identity "$S/id_ed25519" --known-hosts "$S/known_hosts" --remote-command "$HUBSYNC")
+SYNC_ARGS=(--identity "$SSH_KEY" --known-hosts "$SSH_KNOWN_HOSTS" --remote-command "$HUBSYNC")
 CACHE_EXCLUDES=()
 for g in 'cache/**' 'index/**' 'locks/**' 'tmp/**' 'log/**' '*.indexed' 'meta/*.trimmed' 'meta/*_tmp'; do
   CACHE_EXCLUDES+=(--exclude "$g")

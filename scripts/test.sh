@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need (Debian packages) and runs every test: formatting,
 # lints, unit and integration tests (including those against a real sshd on
-# 127.0.0.1), and the benchmark in its short mode. CI runs exactly this.
+# 127.0.0.1), the DokuWiki end-to-end test, and the benchmark in its short mode.
+# CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,9 @@ export HUBSYNC_REQUIRE_SSHD=1
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
+# DokuWiki end to end: two real instances (Debian's package, fetched with
+# apt-get download) synced over a loopback sshd, checked through their pages.
+scripts/dokuwiki-e2e.sh
 if [ -x scripts/bench.sh ]; then
   scripts/bench.sh --short
 fi

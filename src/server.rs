@@ -1425,3 +1425,6 @@ pub fn serve(root: &Path) -> Result<()> {
     lock(&output).flush();
     result
 }
+
+#[cfg(test)]
+mod tests;

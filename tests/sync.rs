@@ -607,3 +607,121 @@ fn append_only_logs_are_merged_line_by_line() {
     let j = common::run(c).json();
     assert!(j["plan"].as_array().unwrap().is_empty(), "{j}");
 }
+
+/// The DokuWiki profile on plain directories: a page deleted on one replica after
+/// an edit on the other stays deleted (its changelog, merged, says so), the edit
+/// is kept, and the saving side's metadata beats a later re-render.
+#[test]
+fn the_dokuwiki_profile_lets_the_changelog_decide() {
+    let e = Env::new(2);
+    let t = now() - 600;
+    for i in 0..2 {
+        e.write(
+            i,
+            "meta/ns/p.changes",
+            &format!("{t}\t1.2.3.4\tC\tns:p\talice\tcreated\t\n"),
+            t,
+        );
+        e.write(i, "meta/ns/p.meta", "meta v1", t);
+        e.write(i, "pages/ns/p.txt", "v1", t);
+        e.write(
+            i,
+            "meta/ns/q.changes",
+            &format!("{t}\t1.2.3.4\tC\tns:q\talice\tcreated\t\n"),
+            t,
+        );
+        e.write(i, "meta/ns/q.meta", "q meta v1", t);
+        e.write(i, "pages/ns/q.txt", "q v1", t);
+    }
+    e.sync_ok(&["--profile", "dokuwiki"]);
+
+    // p: bob edits on r1, then alice deletes on r0 (later).
+    let (edit, del) = (t + 10, t + 20);
+    e.write(1, "pages/ns/p.txt", "bob's text", edit);
+    e.write(
+        1,
+        "meta/ns/p.changes",
+        &format!(
+            "{t}\t1.2.3.4\tC\tns:p\talice\tcreated\t\n{edit}\t1.2.3.5\tE\tns:p\tbob\tedit\t\n"
+        ),
+        edit,
+    );
+    e.write(1, "meta/ns/p.meta", "meta bob", edit);
+    std::fs::remove_file(e.p(0, "pages/ns/p.txt")).unwrap();
+    e.write(
+        0,
+        "meta/ns/p.changes",
+        &format!(
+            "{t}\t1.2.3.4\tC\tns:p\talice\tcreated\t\n{del}\t1.2.3.4\tD\tns:p\talice\tdeleted\t\n"
+        ),
+        del,
+    );
+    e.write(0, "meta/ns/p.meta", "meta deleted", del);
+    // q: alice saves on r0; r1 only re-renders the metadata, later.
+    e.write(0, "pages/ns/q.txt", "q v2", edit);
+    e.write(
+        0,
+        "meta/ns/q.changes",
+        &format!(
+            "{t}\t1.2.3.4\tC\tns:q\talice\tcreated\t\n{edit}\t1.2.3.4\tE\tns:q\talice\tv2\t\n"
+        ),
+        edit,
+    );
+    e.write(0, "meta/ns/q.meta", "q meta saved", edit);
+    e.write(1, "meta/ns/q.meta", "q meta rendered", del);
+    // r1 rendered and indexed q after alice's save: stale once v2 arrives.
+    e.write(1, "cache/x/q.xhtml", "q v1 rendered", del);
+    e.write(1, "meta/ns/q.indexed", "", del);
+
+    let r = e.sync_ok(&["--profile", "dokuwiki"]);
+    assert!(r.stderr().contains("conflict"), "{}", r.stderr());
+    for i in 0..2 {
+        assert!(
+            !e.exists(i, "pages/ns/p.txt"),
+            "r{i}: the deleted page came back\n{}",
+            e.dump()
+        );
+        let log = e.read(i, "meta/ns/p.changes");
+        assert!(
+            log.contains("\tbob\t") && log.contains("\tD\t"),
+            "r{i}: {log}"
+        );
+        assert_eq!(e.read(i, "meta/ns/p.meta"), "meta deleted");
+        assert_eq!(e.read(i, "pages/ns/q.txt"), "q v2");
+        assert_eq!(e.read(i, "meta/ns/q.meta"), "q meta saved");
+    }
+    // Nothing lost: bob's edit and r1's rendering are kept as conflict copies.
+    let kept = find(&e.p(1, ".hubsync/conflicts"), "p.txt.conflict-");
+    assert_eq!(kept.len(), 1, "{}", e.dump());
+    assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), "bob's text");
+    assert_eq!(
+        find(&e.p(1, ".hubsync/conflicts"), "q.meta.conflict-").len(),
+        1
+    );
+    // r1's caches of q's old text are gone, so it renders and indexes v2.
+    assert!(!e.exists(1, "cache/x/q.xhtml") && !e.exists(1, "meta/ns/q.indexed"));
+    e.sync_ok(&["--profile", "dokuwiki"]);
+    let again = e
+        .sync_ok(&["--profile", "dokuwiki", "--dry-run", "--json"])
+        .json();
+    assert_eq!(again["plan"].as_array().map(Vec::len), Some(0), "{again}");
+}
+
+#[test]
+fn an_unknown_profile_is_refused_with_the_known_ones() {
+    let e = Env::new(2);
+    let r = e.sync_expect(1, &["--profile", "mediawiki"]);
+    assert!(
+        r.stderr().contains("unknown profile \"mediawiki\"") && r.stderr().contains("dokuwiki"),
+        "{}",
+        r.stderr()
+    );
+    let cfg = e.dir.path().join("hubsync.toml");
+    std::fs::write(&cfg, "profile = \"wordpress\"\n").unwrap();
+    let r = e.sync_expect(1, &["--config", cfg.to_str().unwrap()]);
+    assert!(
+        r.stderr().contains("hubsync.toml line 1:") && r.stderr().contains("unknown profile"),
+        "{}",
+        r.stderr()
+    );
+}

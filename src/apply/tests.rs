@@ -219,3 +219,111 @@ fn set_meta_changes_only_metadata() {
     assert_eq!((m.mtime(), m.mtime_nsec()), (1_234_567_890, 42));
     assert_eq!(std::fs::read_to_string(d.path().join("f")).unwrap(), "same");
 }
+
+fn md5_hex(s: &str) -> String {
+    use md5::Digest;
+    crate::util::hex(&md5::Md5::digest(s.as_bytes()))
+}
+
+#[test]
+fn io_lock_is_dokuwikis_lock_directory_and_waits_for_a_holder() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("locks")).unwrap();
+    let mut r = root(d.path());
+    let lock = crate::proto::IoLock {
+        dir: rp("locks"),
+        of: rp("meta/wiki/start.changes"),
+    };
+    // DokuWiki names it by the md5 of the file's absolute path.
+    let abs = format!("{}/meta/wiki/start.changes", d.path().display());
+    let name = d.path().join("locks").join(md5_hex(&abs));
+    let guard = r.io_lock(&lock).expect("a free lock is taken");
+    assert!(name.is_dir());
+    drop(guard);
+    assert!(!name.exists(), "released on drop");
+
+    // Held by DokuWiki: we wait until it lets go.
+    std::fs::create_dir(&name).unwrap();
+    let holder = {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::fs::remove_dir(&name).unwrap();
+        })
+    };
+    let start = std::time::Instant::now();
+    let guard = r.io_lock(&lock).expect("taken once the holder is done");
+    assert!(start.elapsed() >= std::time::Duration::from_millis(250));
+    holder.join().unwrap();
+    drop(guard);
+
+    // No lock directory at all: nothing to take, no waiting.
+    std::fs::remove_dir(d.path().join("locks")).unwrap();
+    assert!(r.io_lock(&lock).is_none());
+}
+
+#[test]
+fn remove_newer_removes_only_recent_matching_files_below_its_root() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for f in [
+        "cache/a/old.xhtml",
+        "cache/a/new.xhtml",
+        "cache/b/new.i",
+        "pages/new.txt",
+    ] {
+        std::fs::create_dir_all(p.join(f).parent().unwrap()).unwrap();
+        std::fs::write(p.join(f), f).unwrap();
+    }
+    let set = |path: &str, secs: i64| {
+        let t = times(Mtime::new(secs, 0));
+        rustix::fs::utimensat(rustix::fs::CWD, p.join(path), &t, AtFlags::empty()).unwrap()
+    };
+    set("cache/a/old.xhtml", 1_000);
+    set("cache/a/new.xhtml", 2_000);
+    set("cache/b/new.i", 2_000);
+    set("pages/new.txt", 2_000);
+    // A symlink in the cache pointing outside is not followed.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("keep.xhtml"), "x").unwrap();
+    symlink(outside.path(), p.join("cache/out")).unwrap();
+
+    let mut r = root(p);
+    let xhtml = |rel: &RelPath| rel.as_bytes().ends_with(b".xhtml");
+    let n = r.remove_newer(&rp("cache"), &xhtml, Mtime::new(1_500, 0));
+    assert_eq!(n, 1);
+    assert!(
+        p.join("cache/a/old.xhtml").exists(),
+        "older than the revision"
+    );
+    assert!(!p.join("cache/a/new.xhtml").exists());
+    assert!(p.join("cache/b/new.i").exists(), "not matched");
+    assert!(p.join("pages/new.txt").exists(), "outside the walked root");
+    assert!(
+        outside.path().join("keep.xhtml").exists(),
+        "behind a symlink"
+    );
+    // A regular file only: a directory or symlink of that name stays.
+    assert!(!r.remove_derived(&rp("cache/out")));
+    assert!(r.remove_derived(&rp("cache/b/new.i")));
+    assert!(!p.join("cache/b/new.i").exists());
+}
+
+#[test]
+fn remove_with_keep_moves_the_losing_change_to_the_conflicts() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    std::fs::create_dir(p.join("pages")).unwrap();
+    std::fs::write(p.join("pages/p.txt"), "bob's edit").unwrap();
+    let seen = scanned(p, "pages/p.txt");
+    let mut r = root(p);
+    r.remove(
+        &rp("pages/p.txt"),
+        seen.as_ref(),
+        Some("20260101T000000Z-web2"),
+    )
+    .unwrap();
+    assert!(!p.join("pages/p.txt").exists());
+    let kept = p.join(".hubsync/conflicts/pages/p.txt.conflict-20260101T000000Z-web2");
+    assert_eq!(std::fs::read(kept).unwrap(), b"bob's edit");
+}
