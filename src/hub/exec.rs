@@ -399,9 +399,13 @@ impl Run<'_> {
         {
             return None;
         }
+        // Sizes are what peers claim: saturate rather than overflow.
         let total: u64 = (ex.queue.iter())
-            .map(|&q| ex.queued_size(q) * ex.queued_dests(q).len() as u64)
-            .sum();
+            .map(|&q| {
+                ex.queued_size(q)
+                    .saturating_mul(ex.queued_dests(q).len() as u64)
+            })
+            .fold(0, u64::saturating_add);
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -808,11 +812,11 @@ impl Run<'_> {
                             // Directories are counted by the files they bring.
                             if !item.result.as_ref().is_some_and(|v| v.is_dir()) {
                                 rep.report.files_in += 1;
-                                rep.report.bytes_in += size;
+                                rep.report.bytes_in = rep.report.bytes_in.saturating_add(size);
                                 if let Some(src) = item.source {
                                     let src = &mut self.reps[src].report;
                                     src.files_out += 1;
-                                    src.bytes_out += size;
+                                    src.bytes_out = src.bytes_out.saturating_add(size);
                                 }
                             }
                         }

@@ -616,7 +616,11 @@ impl Run<'_> {
     fn refuse_mass_deletions(&mut self, plan: &Plan) -> bool {
         let mut refused = false;
         for victim in 0..self.reps.len() {
-            let files = self.reps[victim].scanned.map_or(0, |s| s.files + s.dirs) as usize;
+            // A peer's own figures: saturate rather than trust them not to overflow.
+            let files = (self.reps[victim].scanned)
+                .map_or(0, |s| s.files.saturating_add(s.dirs))
+                .try_into()
+                .unwrap_or(usize::MAX);
             let removes: Vec<&crate::plan::Item> = plan
                 .items
                 .iter()
@@ -726,7 +730,8 @@ impl Run<'_> {
                     _ if item.result.as_ref().is_some_and(|v| v.is_dir()) => {}
                     _ => {
                         rep.files_in += 1;
-                        rep.bytes_in += item.result.as_ref().map_or(0, |v| v.size());
+                        let size = item.result.as_ref().map_or(0, |v| v.size());
+                        rep.bytes_in = rep.bytes_in.saturating_add(size);
                     }
                 }
             }
