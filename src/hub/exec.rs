@@ -658,13 +658,17 @@ impl Run<'_> {
 
     fn end_transfer(&mut self, ex: &mut Exec, tr: usize) {
         mark_done(ex, tr);
-        let x = &ex.transfers[tr];
-        for &d in &x.dests {
-            if ex.tasks[d].outcome == Outcome::Pending {
-                let task = &ex.tasks[d];
-                self.reps[task.replica]
-                    .conn
-                    .send(Request::End { id: task.id });
+        for d in ex.transfers[tr].dests.clone() {
+            let task = &mut ex.tasks[d];
+            if task.outcome == Outcome::Pending {
+                let rep = &mut self.reps[task.replica];
+                rep.conn.send(Request::End { id: task.id });
+                // From here it owes us its answer: count it, so that a
+                // destination that never gives one is noticed and dropped.
+                if !task.counted {
+                    task.counted = true;
+                    rep.pending += 1;
+                }
             }
         }
     }
@@ -723,7 +727,7 @@ impl Run<'_> {
                     self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
                     let m = &mut ex.merges[job];
                     m.outstanding -= 1;
-                    if (bytes.len() as u64) < len {
+                    if (bytes.len() as u64) != len {
                         fail_merge(&mut ex, job, OpError::SourceChanged);
                     } else {
                         m.bufs[input].extend_from_slice(&bytes);
@@ -739,8 +743,9 @@ impl Run<'_> {
                     if ex.transfers[tr].done {
                         // aborted meanwhile
                         release(&mut ex, tr);
-                    } else if (bytes.len() as u64) < len {
-                        // The file shrank since it was scanned.
+                    } else if (bytes.len() as u64) != len {
+                        // The file shrank since it was scanned (or the source
+                        // sent more than asked, which would never end).
                         self.abort_transfer(&mut ex, tr, OpError::SourceChanged);
                     } else {
                         ex.transfers[tr].received += bytes.len() as u64;
