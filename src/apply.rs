@@ -343,20 +343,28 @@ impl Root {
         }
         match rustix::fs::renameat_with(dir, temp, dir, name, RenameFlags::EXCHANGE) {
             Ok(()) => {
-                let old = rustix::fs::statat(dir, temp, AtFlags::SYMLINK_NOFOLLOW)?;
-                // The exchange itself moved its ctime; inode, size and mtime remain.
-                let as_scanned = scanned.is_some_and(|e| matches_identity(&old, e));
-                match keep {
-                    Some(suffix) => {
-                        self.keep_at(dir, temp.as_bytes(), path, suffix)?;
+                // The old version now has the temp name, which the caller removes
+                // on error: if it cannot be kept, it goes back to its own name.
+                let kept = (|| {
+                    let old = rustix::fs::statat(dir, temp, AtFlags::SYMLINK_NOFOLLOW)?;
+                    // The exchange itself moved its ctime; inode, size and mtime remain.
+                    let as_scanned = scanned.is_some_and(|e| matches_identity(&old, e));
+                    match keep {
+                        Some(suffix) => {
+                            self.keep_at(dir, temp.as_bytes(), path, suffix)?;
+                        }
+                        None if !as_scanned => {
+                            let suffix = self.fallback_suffix.clone();
+                            self.keep_at(dir, temp.as_bytes(), path, &suffix)?;
+                        }
+                        None => rustix::fs::unlinkat(dir, temp, AtFlags::empty())?,
                     }
-                    None if !as_scanned => {
-                        let suffix = self.fallback_suffix.clone();
-                        self.keep_at(dir, temp.as_bytes(), path, &suffix)?;
-                    }
-                    None => rustix::fs::unlinkat(dir, temp, AtFlags::empty())?,
+                    Ok(())
+                })();
+                if kept.is_err() {
+                    let _ = rustix::fs::renameat_with(dir, temp, dir, name, RenameFlags::EXCHANGE);
                 }
-                Ok(())
+                kept
             }
             // Filesystems without RENAME_EXCHANGE: keep a hard link, then replace.
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
