@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A held lock; released on drop (or when the process ends, however it ends).
@@ -41,11 +42,14 @@ impl Lock {
             source,
         };
         std::fs::create_dir_all(state_dir).map_err(io_err)?;
+        // Never through a symlink: the pid written below would truncate and
+        // overwrite whatever a link planted here points to.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io_err)?;
         match file.try_lock() {
