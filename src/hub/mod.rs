@@ -117,7 +117,8 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
     crate::scan::check_root(&s.root).context("the hub's root")?;
     let hub_state = s.state_dir.clone();
     let _lock = Lock::acquire(&s.root, &hub_state)?;
-    let (hub_id, _) = ReplicaId::load(&hub_state, !s.dry_run).context("the hub's replica id")?;
+    let (hub_id, id_warning) =
+        ReplicaId::load(&hub_state, !s.dry_run).context("the hub's replica id")?;
     let hub_id = hub_id.unwrap_or_else(ReplicaId::random);
     Excludes::new(&s.excludes)?;
     let hub_gen = crate::archive::scan_cache_generation(&hub_state.join("scan-cache"));
@@ -131,6 +132,9 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         keep_actions: s.verbosity == crate::report::Verbosity::Verbose,
         ..Default::default()
     };
+    report
+        .warnings
+        .extend(id_warning.map(|w| format!("hub: {w}")));
     let mut reps = vec![Rep {
         conn: Conn::in_process(
             HUB,
