@@ -473,6 +473,16 @@ impl Run<'_> {
                 }
                 if !summary.delta {
                     // A full listing never needs a base.
+                    if rep.shared && rep.agreed.take().is_some() {
+                        // It said at open that it holds our record, yet could not
+                        // answer with a delta: its copy turned out unusable (a
+                        // damaged scan cache). Like a peer without a record, this
+                        // is a first sync: its absences are not deletions.
+                        self.report.warnings.push(format!(
+                            "peer {}: it could not use its record of the last sync after all; treating this as a first sync (nothing will be deleted)",
+                            rep.conn.label
+                        ));
+                    }
                     rep.shared = false;
                 }
             }
