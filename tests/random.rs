@@ -305,8 +305,11 @@ fn sync_killed(e: &Env, kill: Kill) -> Option<i32> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     let code = out.status.code();
-    if killed && (code.is_none() || code == Some(2)) {
-        None // killed itself, or it outlived a killed peer
+    assert_ne!(code, Some(101), "{stderr}");
+    if killed {
+        // Killed itself, or it outlived a killed peer (a partial run, or a failed
+        // one when that peer was the source of the hub's own changes).
+        None
     } else {
         assert_eq!(code, Some(0), "{kill:?}: {stderr}\n{}", e.dump());
         code
