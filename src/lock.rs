@@ -41,6 +41,18 @@ impl Lock {
             path: path.clone(),
             source,
         };
+        // A root's own state directory stays in the root: a link there (planted
+        // by whoever can rename entries of the root) would carry the lock, the
+        // state files and the conflict copies elsewhere. A state directory given
+        // with --state-dir is the admin's choice and may be anywhere.
+        if state_dir == root.join(crate::exclude::STATE_DIR)
+            && std::fs::symlink_metadata(state_dir).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            return Err(io_err(io::Error::other(format!(
+                "{} is a symlink; refusing to keep state through it",
+                state_dir.display()
+            ))));
+        }
         std::fs::create_dir_all(state_dir).map_err(io_err)?;
         // Never through a symlink: the pid written below would truncate and
         // overwrite whatever a link planted here points to.
