@@ -21,8 +21,9 @@ pub struct Lock {
 pub enum LockError {
     #[error("{} is locked by another hubsync run{}", .root.display(), pid_note(.pid))]
     Held { root: PathBuf, pid: Option<u32> },
-    #[error("cannot lock {}: {source}", .path.display())]
-    Io { path: PathBuf, source: io::Error },
+    // Not a `source`: the message already says it, and `{:#}` would repeat it.
+    #[error("cannot lock {}: {error}", .path.display())]
+    Io { path: PathBuf, error: io::Error },
 }
 
 fn pid_note(pid: &Option<u32>) -> String {
@@ -37,9 +38,9 @@ impl Lock {
     /// only names it in messages.
     pub fn acquire(root: &Path, state_dir: &Path) -> Result<Lock, LockError> {
         let path = state_dir.join("lock");
-        let io_err = |source| LockError::Io {
+        let io_err = |error| LockError::Io {
             path: path.clone(),
-            source,
+            error,
         };
         // A root's own state directory stays in the root: a link there (planted
         // by whoever can rename entries of the root) would carry the lock, the
