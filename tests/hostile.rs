@@ -23,6 +23,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -149,10 +150,11 @@ impl Scene {
     ) -> (Run, Log) {
         let log: Log = Default::default();
         let fifo = self.fifo();
+        let hub_gone = Arc::new(AtomicBool::new(false));
         let evil = peers.contains(&"evil").then(|| {
-            let log = log.clone();
+            let (log, hub_gone) = (log.clone(), hub_gone.clone());
             std::thread::spawn(move || {
-                let Some(mut e) = Evil::connect(&fifo, log) else {
+                let Some(mut e) = Evil::connect(&fifo, log, &hub_gone) else {
                     return;
                 };
                 peer(&mut e);
@@ -171,14 +173,9 @@ impl Scene {
             cmd.env(k, v);
         }
         let run = run_bounded(cmd);
+        // If the relay never started (the hub failed before), this ends the wait.
+        hub_gone.store(true, Ordering::Relaxed);
         if let Some(t) = evil {
-            // The relay never started (the hub failed before): release the thread.
-            if !t.is_finished() {
-                let _ = File::options()
-                    .write(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(self.fifo().join("to-peer"));
-            }
             let _ = t.join();
         }
         assert_ne!(run.code(), 101, "the hub panicked:\n{}", run.stderr());
@@ -271,10 +268,10 @@ struct Evil {
 
 impl Evil {
     /// Opens the relay's FIFOs once the hub has started it (or gives up).
-    fn connect(fifo: &Path, log: Log) -> Option<Evil> {
-        let deadline = Instant::now() + HANG;
+    fn connect(fifo: &Path, log: Log, hub_gone: &AtomicBool) -> Option<Evil> {
         // Opening the write end without blocking fails until the relay's reader
-        // is there; this way a hub that never starts the relay cannot hang us.
+        // is there (or waiting to open it); this way a hub that never starts the
+        // relay cannot hang us.
         let w = loop {
             match File::options()
                 .write(true)
@@ -282,7 +279,9 @@ impl Evil {
                 .open(fifo.join("to-hub"))
             {
                 Ok(f) => break f,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) if !hub_gone.load(Ordering::Relaxed) => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
                 Err(_) => return None,
             }
         };
@@ -539,6 +538,18 @@ fn raw_entries_encode_like_real_ones() {
         bincode::encode_to_vec(&real, bincode::config::standard()).unwrap(),
         ours
     );
+}
+
+/// The harness itself: a hub that fails before it starts any peer leaves no
+/// fake peer waiting.
+#[test]
+fn a_hub_that_never_starts_the_fake_peer_does_not_hang_the_test() {
+    let s = Scene::new();
+    let started = Instant::now();
+    let (run, log) = s.sync(&["--exclude", "a/["], &[], |e| play(e, Script::default()));
+    assert_eq!(run.code(), 1, "{}", said(&run));
+    assert!(log.lock().unwrap().is_empty());
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 // ------------------------------------------------------------------ a hostile peer
