@@ -455,3 +455,30 @@ fn a_loser_that_cannot_be_kept_stays_where_it_was() {
     let kept = find(&e.p(1, ".hubsync/conflicts"), "page.txt.conflict-");
     assert_eq!(kept.len(), 2, "{}", e.dump());
 }
+
+#[test]
+fn a_state_directory_that_is_a_symlink_is_refused() {
+    let e = Env::new(3);
+    e.write(0, "a.txt", "a", T0);
+    e.sync_ok(&[]);
+    let outside = e.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    for i in [1, 0] {
+        let state = e.p(i, ".hubsync");
+        std::fs::rename(&state, e.dir.path().join(format!("state-{i}"))).unwrap();
+        symlink(&outside, &state).unwrap();
+        e.write(2, "b.txt", &format!("b{i}"), T0 + i as i64);
+        let r = e.sync(&[]);
+        assert_eq!(r.code(), if i == 0 { 1 } else { 2 }, "{}", r.stderr());
+        assert!(
+            r.stderr().contains(&state.display().to_string()) && r.stderr().contains("symlink"),
+            "{}",
+            r.stderr()
+        );
+        assert!(
+            listing_all(&outside).is_empty(),
+            "state written through the link: {:?}",
+            listing_all(&outside)
+        );
+    }
+}
