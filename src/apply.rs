@@ -355,20 +355,28 @@ impl Root {
         }
         match rustix::fs::renameat_with(dir, temp, dir, name, RenameFlags::EXCHANGE) {
             Ok(()) => {
-                let old = rustix::fs::statat(dir, temp, AtFlags::SYMLINK_NOFOLLOW)?;
-                // The exchange itself moved its ctime; inode, size and mtime remain.
-                let as_scanned = scanned.is_some_and(|e| matches_identity(&old, e));
-                match keep {
-                    Some(suffix) => {
-                        self.keep_at(dir, temp.as_bytes(), path, suffix)?;
+                // The old version now has the temp name, which the caller removes
+                // on error: if it cannot be kept, it goes back to its own name.
+                let kept = (|| {
+                    let old = rustix::fs::statat(dir, temp, AtFlags::SYMLINK_NOFOLLOW)?;
+                    // The exchange itself moved its ctime; inode, size and mtime remain.
+                    let as_scanned = scanned.is_some_and(|e| matches_identity(&old, e));
+                    match keep {
+                        Some(suffix) => {
+                            self.keep_at(dir, temp.as_bytes(), path, suffix)?;
+                        }
+                        None if !as_scanned => {
+                            let suffix = self.fallback_suffix.clone();
+                            self.keep_at(dir, temp.as_bytes(), path, &suffix)?;
+                        }
+                        None => rustix::fs::unlinkat(dir, temp, AtFlags::empty())?,
                     }
-                    None if !as_scanned => {
-                        let suffix = self.fallback_suffix.clone();
-                        self.keep_at(dir, temp.as_bytes(), path, &suffix)?;
-                    }
-                    None => rustix::fs::unlinkat(dir, temp, AtFlags::empty())?,
+                    Ok(())
+                })();
+                if kept.is_err() {
+                    let _ = rustix::fs::renameat_with(dir, temp, dir, name, RenameFlags::EXCHANGE);
                 }
-                Ok(())
+                kept
             }
             // Filesystems without RENAME_EXCHANGE: keep a hard link, then replace.
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
@@ -633,20 +641,65 @@ impl Root {
         Ok(())
     }
 
-    /// The directory under `.hubsync/conflicts/` that mirrors `path`'s parent.
+    /// The directory under `.hubsync/conflicts/` that mirrors `path`'s parent,
+    /// made where missing. Resolved from the root one component at a time without
+    /// following links, like every other path: a link planted in the state
+    /// directory must not carry a losing version out of the root.
     fn conflicts_dir(&self, path: &RelPath) -> Result<OwnedFd, OpError> {
-        let rel_dir = path
-            .parent()
-            .map(|p| p.as_path().to_path_buf())
-            .unwrap_or_default();
-        let conflicts = self.state_dir.join("conflicts").join(rel_dir);
-        std::fs::create_dir_all(&conflicts)
-            .map_err(|e| OpError::Io(format!("cannot create {}: {e}", conflicts.display())))?;
-        Ok(rustix::fs::open(
-            &conflicts,
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?)
+        let conflicts = self.state_dir.join("conflicts");
+        let shown = |e: rustix::io::Errno| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => OpError::Refused(format!(
+                "{}: a component is a symlink or not a directory; refusing to follow it",
+                conflicts.display()
+            )),
+            e => OpError::Io(format!(
+                "cannot create {}: {}",
+                conflicts.display(),
+                io::Error::from(e)
+            )),
+        };
+        let (mut fd, inside) = match self.state_dir.strip_prefix(&self.path) {
+            Ok(rel) => (
+                rustix::fs::openat(
+                    &self.fd,
+                    ".",
+                    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(shown)?,
+                rel.to_path_buf(),
+            ),
+            // A state directory of the admin's choosing, elsewhere: from there on.
+            Err(_) => (
+                rustix::fs::open(
+                    &self.state_dir,
+                    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(shown)?,
+                PathBuf::new(),
+            ),
+        };
+        let below = path.parent();
+        let comps = inside
+            .iter()
+            .map(|c| c.as_encoded_bytes())
+            .chain(std::iter::once(&b"conflicts"[..]))
+            .chain(below.iter().flat_map(|p| p.components()));
+        for comp in comps {
+            match rustix::fs::mkdirat(&fd, comp, Mode::from_raw_mode(0o777)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(shown(e)),
+            }
+            fd = rustix::fs::openat(
+                &fd,
+                comp,
+                OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(shown)?;
+        }
+        Ok(fd)
     }
 
     /// Moves the entry `from` (in `dir`) to

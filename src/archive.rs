@@ -81,17 +81,25 @@ impl ReplicaId {
     pub fn load(state_dir: &Path, create: bool) -> io::Result<(Option<ReplicaId>, Option<String>)> {
         let path = state_dir.join("replica-id");
         let mut warning = None;
-        match std::fs::read_to_string(&path) {
-            Ok(s) => match ReplicaId::parse(&s) {
+        let unreadable = |why: &str| {
+            format!(
+                "{}: unreadable replica id ({why}), making a new one (this replica will be treated as new by every hub)",
+                path.display()
+            )
+        };
+        match crate::util::read_state_file(&path) {
+            Ok(s) => match ReplicaId::parse(&String::from_utf8_lossy(&s)) {
                 Some(id) => return Ok((Some(id), None)),
-                None => {
-                    warning = Some(format!(
-                        "{}: unreadable replica id, making a new one (this replica will be treated as new by every hub)",
-                        path.display()
-                    ))
-                }
+                None => warning = Some(unreadable("not an id")),
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // A link or a special file planted there: replaced, never followed.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                warning = Some(unreadable(&e.to_string()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                warning = Some(unreadable(&e.to_string()))
+            }
             Err(e) => return Err(e),
         }
         if !create {
@@ -232,7 +240,7 @@ pub fn load_scan_cache(path: &Path) -> Result<ScanCache, StateError> {
 /// its pair records are usable.
 pub fn scan_cache_generation(path: &Path) -> Option<u64> {
     let mut head = [0u8; 64];
-    let n = std::io::Read::read(&mut std::fs::File::open(path).ok()?, &mut head).ok()?;
+    let n = std::io::Read::read(&mut crate::util::open_state_file(path).ok()?, &mut head).ok()?;
     let head = &head[..n];
     if head.len() < 19 || &head[..MAGIC.len()] != MAGIC || head[14] != KIND_SCAN_CACHE {
         return None;
@@ -299,7 +307,7 @@ fn read_container<H: Decode<()>, E: Decode<()>>(
     };
     // The whole file at once: one read, one checksum over it, then decoding from
     // memory (much faster than feeding a hasher field by field).
-    let bytes = match std::fs::read(path) {
+    let bytes = match crate::util::read_state_file(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(StateError::Missing {

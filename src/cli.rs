@@ -11,6 +11,7 @@ use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::{Overrides, Settings, parse_duration};
 use crate::hub::{self, RunError};
+use crate::lock::LockError;
 use crate::report::Verbosity;
 
 /// Exit codes (documented in README.md).
@@ -303,9 +304,15 @@ fn sync_once(settings: &Settings) -> u8 {
                 _ => EXIT_ERROR,
             }
         }
-        Err(RunError::Locked(e)) => {
+        Err(RunError::Locked(e @ LockError::Held { .. })) => {
             eprintln!("hubsync: {e}; not starting a second run");
             EXIT_LOCKED
+        }
+        // Not another run: a lock that cannot be taken at all (a read-only or
+        // broken root) is an error, not the "try later" that 75 means.
+        Err(RunError::Locked(e)) => {
+            eprintln!("hubsync: error: {e}");
+            EXIT_ERROR
         }
         Err(RunError::Failed(e)) => {
             eprintln!("hubsync: error: {e:#}");

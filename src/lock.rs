@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A held lock; released on drop (or when the process ends, however it ends).
@@ -20,8 +21,9 @@ pub struct Lock {
 pub enum LockError {
     #[error("{} is locked by another hubsync run{}", .root.display(), pid_note(.pid))]
     Held { root: PathBuf, pid: Option<u32> },
-    #[error("cannot lock {}: {source}", .path.display())]
-    Io { path: PathBuf, source: io::Error },
+    // Not a `source`: the message already says it, and `{:#}` would repeat it.
+    #[error("cannot lock {}: {error}", .path.display())]
+    Io { path: PathBuf, error: io::Error },
 }
 
 fn pid_note(pid: &Option<u32>) -> String {
@@ -36,16 +38,31 @@ impl Lock {
     /// only names it in messages.
     pub fn acquire(root: &Path, state_dir: &Path) -> Result<Lock, LockError> {
         let path = state_dir.join("lock");
-        let io_err = |source| LockError::Io {
+        let io_err = |error| LockError::Io {
             path: path.clone(),
-            source,
+            error,
         };
+        // A root's own state directory stays in the root: a link there (planted
+        // by whoever can rename entries of the root) would carry the lock, the
+        // state files and the conflict copies elsewhere. A state directory given
+        // with --state-dir is the admin's choice and may be anywhere.
+        if state_dir == root.join(crate::exclude::STATE_DIR)
+            && std::fs::symlink_metadata(state_dir).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            return Err(io_err(io::Error::other(format!(
+                "{} is a symlink; refusing to keep state through it",
+                state_dir.display()
+            ))));
+        }
         std::fs::create_dir_all(state_dir).map_err(io_err)?;
+        // Never through a symlink: the pid written below would truncate and
+        // overwrite whatever a link planted here points to.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io_err)?;
         match file.try_lock() {

@@ -156,6 +156,8 @@ pub struct Server {
     /// Advanced by scans; read by the keep-alive thread of `serve`.
     pub progress: Arc<scan::Progress>,
     share: Option<SnapshotSlot>,
+    /// Said to the hub right after `Opened` (an unreadable replica id).
+    open_warning: Option<String>,
 }
 
 /// Where an in-process replica leaves its scan for the hub.
@@ -174,6 +176,7 @@ impl Server {
             session: None,
             progress: Arc::new(scan::Progress::default()),
             share: None,
+            open_warning: None,
         }
     }
 
@@ -186,7 +189,12 @@ impl Server {
     pub fn handle(&mut self, req: Request, out: &mut dyn FnMut(Response)) -> Flow {
         match req {
             Request::Open(open) => match self.open(open) {
-                Ok(opened) => out(Response::Opened(opened)),
+                Ok(opened) => {
+                    out(Response::Opened(opened));
+                    if let Some(w) = self.open_warning.take() {
+                        out(Response::Warning(w));
+                    }
+                }
                 Err(e) => {
                     out(Response::Fatal(format!("{e:#}")));
                     return Flow::Close;
@@ -316,7 +324,8 @@ impl Server {
             after_install,
             post_apply: o.post_apply.clone(),
         });
-        let _ = warning; // reported through the replica id change itself
+        // The hub sees a new replica id as a new replica; this says why.
+        self.open_warning = warning;
         // Test hook: pretend this replica's clock is off by this many seconds.
         let skew: i64 = std::env::var("HUBSYNC_TEST_CLOCK_OFFSET")
             .ok()

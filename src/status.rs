@@ -102,13 +102,13 @@ impl Status {
     /// Reads `state_dir/status.json`.
     pub fn load(state_dir: &Path) -> Result<Status> {
         let path = state_dir.join(STATUS_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
+        let text = crate::util::read_state_file(&path).with_context(|| {
             format!(
                 "no status at {} (has hubsync sync run here yet?)",
                 path.display()
             )
         })?;
-        let st: Status = serde_json::from_str(&text).with_context(|| {
+        let st: Status = serde_json::from_slice(&text).with_context(|| {
             format!(
                 "{} is not a status file this hubsync can read",
                 path.display()

@@ -29,6 +29,32 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Opens a state file for reading, never through a symlink and never blocking on
+/// a fifo: a link or a special file planted in a state directory is an error
+/// saying what it is, not a way to make a run read elsewhere (or hang).
+pub fn open_state_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
+/// Reads a state file whole (see [`open_state_file`]).
+pub fn read_state_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_state_file(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Writes `path` atomically: a temp file beside it, fsync, rename, fsync of the
 /// directory. A reader (or a crash) sees the old file or the new one, never a mix.
 pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {

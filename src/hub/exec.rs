@@ -556,9 +556,13 @@ impl Run<'_> {
         {
             return None;
         }
+        // Sizes are what peers claim: saturate rather than overflow.
         let total: u64 = (ex.queue.iter())
-            .map(|&q| ex.queued_size(q) * ex.queued_dests(q).len() as u64)
-            .sum();
+            .map(|&q| {
+                ex.queued_size(q)
+                    .saturating_mul(ex.queued_dests(q).len() as u64)
+            })
+            .fold(0, u64::saturating_add);
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -656,7 +660,8 @@ impl Run<'_> {
     /// All of task `t`'s data was sent: from now on the replica owes us its answer
     /// (a group member's, once the group is complete).
     fn owe_answer(&mut self, ex: &mut Exec, t: usize) {
-        if !ex.task_group.contains_key(&t) {
+        // Counted, a destination that never answers is noticed and dropped.
+        if !ex.task_group.contains_key(&t) && !ex.tasks[t].counted {
             ex.tasks[t].counted = true;
             self.reps[ex.tasks[t].replica].pending += 1;
         }
@@ -908,7 +913,7 @@ impl Run<'_> {
                     self.reps[r].pending = self.reps[r].pending.saturating_sub(1);
                     let m = &mut ex.merges[job];
                     m.outstanding -= 1;
-                    if (bytes.len() as u64) < len {
+                    if (bytes.len() as u64) != len {
                         fail_merge(&mut ex, job, OpError::SourceChanged);
                     } else {
                         m.bufs[input].extend_from_slice(&bytes);
@@ -924,8 +929,9 @@ impl Run<'_> {
                     if ex.transfers[tr].done {
                         // aborted meanwhile
                         release(&mut ex, tr);
-                    } else if (bytes.len() as u64) < len {
-                        // The file shrank since it was scanned.
+                    } else if (bytes.len() as u64) != len {
+                        // The file shrank since it was scanned (or the source
+                        // sent more than asked, which would never end).
                         self.abort_transfer(&mut ex, tr, OpError::SourceChanged);
                     } else {
                         ex.transfers[tr].received += bytes.len() as u64;
@@ -997,11 +1003,11 @@ impl Run<'_> {
                             // Directories are counted by the files they bring.
                             if !item.result.as_ref().is_some_and(|v| v.is_dir()) {
                                 rep.report.files_in += 1;
-                                rep.report.bytes_in += size;
+                                rep.report.bytes_in = rep.report.bytes_in.saturating_add(size);
                                 if let Some(src) = item.source {
                                     let src = &mut self.reps[src].report;
                                     src.files_out += 1;
-                                    src.bytes_out += size;
+                                    src.bytes_out = src.bytes_out.saturating_add(size);
                                 }
                             }
                         }

@@ -119,7 +119,8 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
     crate::scan::check_root(&s.root).context("the hub's root")?;
     let hub_state = s.state_dir.clone();
     let _lock = Lock::acquire(&s.root, &hub_state)?;
-    let (hub_id, _) = ReplicaId::load(&hub_state, !s.dry_run).context("the hub's replica id")?;
+    let (hub_id, id_warning) =
+        ReplicaId::load(&hub_state, !s.dry_run).context("the hub's replica id")?;
     let hub_id = hub_id.unwrap_or_else(ReplicaId::random);
     Excludes::new(&s.excludes)?;
     let hub_gen = crate::archive::scan_cache_generation(&hub_state.join("scan-cache"));
@@ -133,6 +134,9 @@ pub fn run(s: &Settings) -> Result<Outcome, RunError> {
         keep_actions: s.verbosity == crate::report::Verbosity::Verbose,
         ..Default::default()
     };
+    report
+        .warnings
+        .extend(id_warning.map(|w| format!("hub: {w}")));
     let mut reps = vec![Rep {
         conn: Conn::in_process(
             HUB,
@@ -499,6 +503,16 @@ impl Run<'_> {
                 }
                 if !summary.delta {
                     // A full listing never needs a base.
+                    if rep.shared && rep.agreed.take().is_some() {
+                        // It said at open that it holds our record, yet could not
+                        // answer with a delta: its copy turned out unusable (a
+                        // damaged scan cache). Like a peer without a record, this
+                        // is a first sync: its absences are not deletions.
+                        self.report.warnings.push(format!(
+                            "peer {}: it could not use its record of the last sync after all; treating this as a first sync (nothing will be deleted)",
+                            rep.conn.label
+                        ));
+                    }
                     rep.shared = false;
                 }
             }
@@ -647,7 +661,11 @@ impl Run<'_> {
     fn refuse_mass_deletions(&mut self, plan: &Plan) -> bool {
         let mut refused = false;
         for victim in 0..self.reps.len() {
-            let files = self.reps[victim].scanned.map_or(0, |s| s.files + s.dirs) as usize;
+            // A peer's own figures: saturate rather than trust them not to overflow.
+            let files = (self.reps[victim].scanned)
+                .map_or(0, |s| s.files.saturating_add(s.dirs))
+                .try_into()
+                .unwrap_or(usize::MAX);
             let removes: Vec<&crate::plan::Item> = plan
                 .items
                 .iter()
@@ -755,7 +773,8 @@ impl Run<'_> {
                     _ if item.result.as_ref().is_some_and(|v| v.is_dir()) => {}
                     _ => {
                         rep.files_in += 1;
-                        rep.bytes_in += item.result.as_ref().map_or(0, |v| v.size());
+                        let size = item.result.as_ref().map_or(0, |v| v.size());
+                        rep.bytes_in = rep.bytes_in.saturating_add(size);
                     }
                 }
             }
