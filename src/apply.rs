@@ -67,6 +67,13 @@ pub struct Incoming {
     error: Option<OpError>,
 }
 
+/// A conflict copy made by a hard link before a replacement.
+struct Aside {
+    dir: OwnedFd,
+    name: String,
+    ino: u64,
+}
+
 /// A held application lock directory, removed when dropped.
 pub struct IoLockGuard {
     dir: OwnedFd,
@@ -353,42 +360,112 @@ impl Root {
             self.forget_dirs();
             return rename_noreplace(dir, temp, name);
         }
+        // A losing version is linked among the conflict copies before anything
+        // moves: after the exchange it sits under the temp name, which the next
+        // scan removes, so a crash right then must not be its only copy.
+        let aside = match keep {
+            Some(suffix) => self.link_aside(dir, name, path, suffix)?,
+            None => None,
+        };
+        let drop_aside = |aside: &Option<Aside>| {
+            if let Some(a) = aside {
+                let _ = rustix::fs::unlinkat(&a.dir, a.name.as_str(), AtFlags::empty());
+            }
+        };
         match rustix::fs::renameat_with(dir, temp, dir, name, RenameFlags::EXCHANGE) {
             Ok(()) => {
+                // Test hook: a crash at the worst moment for a conflict's loser.
+                if keep.is_some() && std::env::var_os("HUBSYNC_TEST_ABORT_AFTER_EXCHANGE").is_some()
+                {
+                    std::process::abort();
+                }
                 // The old version now has the temp name, which the caller removes
                 // on error: if it cannot be kept, it goes back to its own name.
                 let kept = (|| {
                     let old = rustix::fs::statat(dir, temp, AtFlags::SYMLINK_NOFOLLOW)?;
                     // The exchange itself moved its ctime; inode, size and mtime remain.
                     let as_scanned = scanned.is_some_and(|e| matches_identity(&old, e));
-                    match keep {
-                        Some(suffix) => {
+                    match (keep, &aside) {
+                        // Kept already (what was linked is what was swapped out).
+                        (Some(_), Some(a)) if a.ino == old.st_ino => {
+                            rustix::fs::unlinkat(dir, temp, AtFlags::empty())?
+                        }
+                        // Replaced in between, or the link was impossible: keep it too.
+                        (Some(suffix), _) => {
                             self.keep_at(dir, temp.as_bytes(), path, suffix)?;
                         }
-                        None if !as_scanned => {
+                        (None, _) if !as_scanned => {
                             let suffix = self.fallback_suffix.clone();
                             self.keep_at(dir, temp.as_bytes(), path, &suffix)?;
                         }
-                        None => rustix::fs::unlinkat(dir, temp, AtFlags::empty())?,
+                        (None, _) => rustix::fs::unlinkat(dir, temp, AtFlags::empty())?,
                     }
                     Ok(())
                 })();
                 if kept.is_err() {
                     let _ = rustix::fs::renameat_with(dir, temp, dir, name, RenameFlags::EXCHANGE);
+                    drop_aside(&aside);
                 }
                 kept
             }
-            // Filesystems without RENAME_EXCHANGE: keep a hard link, then replace.
+            // Filesystems without RENAME_EXCHANGE: the hard link is the kept copy.
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
-                if let Some(suffix) = keep {
-                    let conflicts = self.conflicts_dir(path)?;
-                    let to = format!("{}.conflict-{suffix}", String::from_utf8_lossy(name));
-                    rustix::fs::linkat(dir, name, &conflicts, to.as_str(), AtFlags::empty())?;
+                if keep.is_some() && aside.is_none() {
+                    return Err(OpError::Io(format!(
+                        "cannot keep the losing version of {path} on this filesystem"
+                    )));
                 }
-                Ok(rustix::fs::renameat(dir, temp, dir, name)?)
+                let r = rustix::fs::renameat(dir, temp, dir, name);
+                if r.is_err() {
+                    drop_aside(&aside);
+                }
+                Ok(r?)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                drop_aside(&aside);
+                Err(e.into())
+            }
         }
+    }
+
+    /// Hard-links `name` (in `dir`) among the conflict copies of `path`; `None` when
+    /// the conflicts directory is on another filesystem (then it is moved there
+    /// after the exchange instead).
+    fn link_aside(
+        &mut self,
+        dir: &OwnedFd,
+        name: &[u8],
+        path: &RelPath,
+        suffix: &str,
+    ) -> Result<Option<Aside>, OpError> {
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        let cdir = self.conflicts_dir(path)?;
+        let base = String::from_utf8_lossy(path.file_name()).into_owned();
+        for n in 1..1000 {
+            let cname = if n == 1 {
+                format!("{base}.conflict-{suffix}")
+            } else {
+                format!("{base}.conflict-{suffix}-{n}")
+            };
+            match rustix::fs::linkat(dir, name, &cdir, cname.as_str(), AtFlags::empty()) {
+                Ok(()) => {
+                    return Ok(Some(Aside {
+                        dir: cdir,
+                        name: cname,
+                        ino: st.st_ino,
+                    }));
+                }
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(rustix::io::Errno::XDEV | rustix::io::Errno::PERM) => return Ok(None),
+                Err(e) => {
+                    return Err(OpError::Io(format!(
+                        "cannot keep the losing version of {path}: {}",
+                        io::Error::from(e)
+                    )));
+                }
+            }
+        }
+        Err(OpError::Io(format!("too many conflict copies of {path}")))
     }
 
     /// Creates a directory (replacing a file or symlink if the plan says so).

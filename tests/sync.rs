@@ -725,3 +725,27 @@ fn an_unknown_profile_is_refused_with_the_known_ones() {
         r.stderr()
     );
 }
+
+/// A crash right after a conflict's winner was swapped in (the loser then sits
+/// under a temp name that the next scan removes) loses nothing: the loser was
+/// linked among the conflict copies first.
+#[test]
+fn a_crash_just_after_replacing_a_conflicts_loser_keeps_the_loser() {
+    let e = Env::new(2);
+    let t = now() - 100;
+    e.write(0, "page.txt", "v0", t);
+    e.sync_ok(&[]);
+    e.write(0, "page.txt", "hub's edit", t + 10);
+    e.write(1, "page.txt", "peer's later edit", t + 20);
+    let mut c = std::process::Command::new(BIN);
+    c.arg("sync").arg(e.r(0)).arg(e.r(1));
+    c.env("HUBSYNC_TEST_ABORT_AFTER_EXCHANGE", "1");
+    let r = run(c);
+    assert_ne!(r.code(), 0, "the hook did not fire:\n{}", r.stderr());
+    e.sync_ok(&[]);
+    assert_eq!(e.read(0, "page.txt"), "peer's later edit");
+    let kept = find(&e.p(0, ".hubsync/conflicts"), "page.txt.conflict-");
+    assert_eq!(kept.len(), 1, "{}", e.dump());
+    assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), "hub's edit");
+    e.assert_converged();
+}

@@ -115,6 +115,7 @@ fn a_file_changed_since_the_scan_is_not_clobbered() {
 fn the_loser_of_a_conflict_is_kept() {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("page.txt"), "alice").unwrap();
+    let alice_ino = std::fs::metadata(d.path().join("page.txt")).unwrap().ino();
     let seen = scanned(d.path(), "page.txt");
     let mut r = root(d.path());
     let v = file_version(b"bob", Mtime::new(9, 0), 0o644);
@@ -134,7 +135,13 @@ fn the_loser_of_a_conflict_is_kept() {
     let kept = d
         .path()
         .join(".hubsync/conflicts/page.txt.conflict-20261204T000000Z-hub");
-    assert_eq!(std::fs::read_to_string(kept).unwrap(), "alice");
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "alice");
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().ino(),
+        alice_ino,
+        "the file itself"
+    );
+    assert_eq!(names(d.path()), [".hubsync", "page.txt"], "no temp left");
 }
 
 #[test]
