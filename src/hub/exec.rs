@@ -830,6 +830,14 @@ impl Run<'_> {
                     self.reps[t.replica].report.deferred += 1;
                     self.report.warnings.push(line);
                 }
+                // What a failed source could not send is that source's failure,
+                // reported once with it; the destination did nothing wrong, and the
+                // path syncs on the next run.
+                Some(Err(e)) if alive && item.source.is_some_and(|s| !self.reps[s].conn.alive) => {
+                    let line = format!("{label}: {}: {e}; it syncs next run", item.path);
+                    self.reps[t.replica].report.deferred += 1;
+                    self.report.warnings.push(line);
+                }
                 // A replica that failed as a whole is reported once, not per path.
                 Some(Err(e)) if alive => {
                     let line = format!("{label}: {}: {e}", item.path);
