@@ -234,6 +234,26 @@ def thaw(root_pid, stopped):
             pass
 
 
+def diagnose(pid):
+    """What a hung hub and the processes around it are doing (for the report)."""
+    lines = []
+    ps = procs()
+    for q, (comm, state, ppid, cmd) in sorted(ps.items()):
+        if q == pid or ppid == pid or (cmd and os.path.basename(cmd[0]) == "hubsync"
+                                       and any(WORK in c for c in cmd)):
+            try:
+                with open(f"/proc/{q}/wchan") as f:
+                    wchan = f.read()
+            except OSError:
+                wchan = "?"
+            lines.append(f"pid {q} ppid {ppid} state {state} wchan {wchan} {' '.join(cmd)[:200]}")
+    if shutil.which("gdb"):
+        r = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 25"],
+                           capture_output=True, text=True, timeout=120)
+        lines += [l for l in r.stdout.splitlines() if l.startswith(("#", "Thread"))]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ worlds
 class Failure(Exception):
     pass
@@ -261,9 +281,11 @@ class World:
         try:
             out, err = p.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
+            diag = diagnose(p.pid)
             p.kill()
             out, err = p.communicate()
-            raise Failure(f"{self.name}: a run hung for more than {limit}s; stderr:\n{err[-3000:]}")
+            raise Failure(f"{self.name}: HANG: a run took more than {limit}s; stderr:\n"
+                          f"{err[-3000:]}\n{diag}")
         return p.returncode, out, err, time.monotonic() - t
 
     def recover(self, limit_s=90):
@@ -277,6 +299,8 @@ class World:
             if code == 0:
                 break
             last = err
+            if runs == 1:
+                self.first_refusal = next((l for l in err.splitlines() if "error" in l), err[-300:])
             if code not in (2, 75):
                 raise Failure(f"{self.name}: recovery run exited {code}:\n{err[-3000:]}")
             if time.monotonic() - t0 > limit_s:
@@ -367,6 +391,36 @@ def check_nothing_lost(world, pre, final, kept):
         if deleted and not written and p in final[0].files:
             problems.append(f"a deletion of {p} was undone (it is back as {final[0].files[p]})")
     return problems, lost
+
+
+def selftest():
+    """The checks must catch what they are for: run them on made-up snapshots."""
+    def snap(files):
+        x = Snap()
+        x.files = dict(files)
+        return x
+
+    class W:
+        base_prev = {"a": "v0", "b": "v1", "c": "v2"}
+    pre = [snap({"a": "v0", "b": "v1new", "c": "v2"}), snap({"a": "v0", "b": "v1"}),
+           snap({"a": "v0", "b": "v1", "c": "v2", "d": "vd"})]
+    cases = [  # final tree, conflict copies, (problems expected?, versions lost)
+        ({"a": "v0", "b": "v1new", "d": "vd"}, set(), (False, 0)),
+        ({"a": "v0", "b": "v1", "d": "vd"}, {"v1new"}, (False, 0)),
+        ({"a": "v0", "b": "v1", "d": "vd"}, set(), (True, 1)),
+        ({"a": "v0", "b": "v1new"}, set(), (True, 1)),
+        ({"a": "vX", "b": "v1new", "d": "vd"}, set(), (True, 1)),
+        ({"b": "v1new", "d": "vd"}, set(), (True, 1)),
+        ({"a": "v0", "b": "v1new", "c": "v2", "d": "vd"}, set(), (True, 0)),
+    ]
+    for final, kept, want in cases:
+        problems, lost = check_nothing_lost(W, pre, [snap(final)] * 3, kept)
+        if (bool(problems), lost) != want:
+            raise SystemExit(f"torture: self-test of the checks failed on {final} {kept}: "
+                             f"{problems} {lost}")
+    data, _ = make("x/y", "t", 5000)
+    if not valid(data) or valid(data[:-1]) or valid(data[:4000] + b"\0" * 1000) or valid(b""):
+        raise SystemExit("torture: self-test of the content check failed")
 
 
 # ------------------------------------------------------------------ batches
@@ -497,6 +551,7 @@ class Suite:
             return
         if runs > 1:
             self.stats[kind]["notes"].append(runs)
+            log(f"  recovery took {runs} runs; the first said: {world.first_refusal[:300]}")
         problems += world.no_leftover_processes()
         final, p2 = world.settle()
         problems += p2
@@ -513,39 +568,42 @@ class Suite:
     # ---------------------------------------------------------------- crashes
     def crash(self, world, n_hub, n_serve):
         rng = self.rng
-        est = []
-        # Two calibration runs (not counted as trials, but checked): how long a run of
-        # such a batch takes, to spread the kills over it.
-        schedule = ["calibrate"] * 2 + ["crash-hub"] * n_hub + ["crash-serve"] * n_serve
-        rest = schedule[2:]
+        est = {1: [], 4: []}
+        # Calibration runs (not counted as trials, but checked): how long a run of
+        # such a batch takes, to spread the kills over it. Batches come in two sizes.
+        schedule = ["calibrate"] * 4 + ["crash-hub"] * n_hub + ["crash-serve"] * n_serve
+        rest = schedule[4:]
         rng.shuffle(rest)
-        schedule[2:] = rest
+        schedule[4:] = rest
         for t, kind in enumerate(schedule):
             self.begin(world)
             b = Batch(world, rng, f"t{t}")
-            b.mixed(edits=rng.randint(20, 60), creates=rng.randint(10, 40),
-                    deletes=rng.randint(5, 25), conflicts=rng.randint(3, 12),
-                    big=rng.randint(1, 4))
+            scale = (1, 4)[t % 2] if kind == "calibrate" else rng.choice([1, 1, 1, 4])
+            b.mixed(edits=scale * rng.randint(20, 60), creates=scale * rng.randint(10, 40),
+                    deletes=scale * rng.randint(5, 25), conflicts=scale * rng.randint(3, 12),
+                    big=rng.randint(1, 4), big_size=(256 << 10, scale * (3 << 20)))
             pre = world.snaps()
             openssh = rng.random() < 0.4
             args = ["--ssh-command", OPENSSH] if openssh else []
             if kind == "calibrate":
                 code, _, err, dur = world.run(args)
-                est.append(dur)
-                log(f"calibration run {t}: {dur:.2f}s exit {code}")
+                est[scale].append(dur)
+                log(f"calibration run {t} (batch x{scale}): {dur:.2f}s exit {code}")
                 extra = [] if code == 0 else [f"calibration run exited {code}: {err[-2000:]}"]
                 if extra:
                     self.fail("crash-hub", t, extra)
                 self.finish_trial("crash-hub", t, world, pre)
                 continue
-            span = max(est) * 1.1
+            span = max(est[scale][-8:]) * 1.1
             delay = rng.uniform(0.0, span)
             target = rng.choice([1, 2]) if kind == "crash-serve" else 0
+            if target and os.environ.get("TORTURE_SERVE_TARGET"):
+                target = int(os.environ["TORTURE_SERVE_TARGET"])
             st = self.stats[kind]
             st["trials"] += 1
             t0 = time.monotonic()
             p = world.start(args)
-            landed, victim = False, None
+            landed, victim, hung = False, None, False
             while time.monotonic() - t0 < delay and p.poll() is None:
                 time.sleep(0.002)
             # The victim: the hub, or the serve of one peer (waited for if the run
@@ -565,24 +623,38 @@ class Suite:
                 else:
                     time.sleep(0.002)
             try:
-                out, err = p.communicate(timeout=120)
+                out, err = p.communicate(timeout=60)
             except subprocess.TimeoutExpired:
+                diag = diagnose(p.pid)
                 p.kill()
                 out, err = p.communicate()
-                self.fail(kind, t, [f"the hub did not end within 120s after the kill:\n{err[-2000:]}"])
+                self.fail(kind, t, [f"HANG: the hub did not end within 60s after "
+                                    f"{'the kill of r%d serve' % target if target else 'the kill'} "
+                                    f"at {delay:.2f}s (--timeout is 10s):\n{err[-2000:]}\n"
+                                    f"{diag}"])
+                hung = True
             dur = time.monotonic() - t0
+            if landed:
+                # How long the serves of the dead run hold their locks.
+                t_dead = time.monotonic()
+                while hubsync_pids(world.roots) and time.monotonic() - t_dead < 60:
+                    time.sleep(0.02)
+                orphan = time.monotonic() - t_dead
+                st["orphan"] = max(st.get("orphan", 0), orphan)
+                if orphan >= 60:
+                    self.fail(kind, t, [f"processes of the killed run still hold locks after "
+                                        f"60s: {hubsync_pids(world.roots)}"])
             if not landed and p.returncode == 0:
-                est.append(dur)
-                est[:] = est[-8:]
+                est[scale].append(dur)
             extra = []
             if landed:
                 st["landed"] += 1
-                if target and p.returncode not in (0, 2):
+                if target and p.returncode not in (0, 2) and not hung:
                     extra.append(f"the hub exited {p.returncode} after serve r{target} was "
                                  f"killed (expected 2, or 0 if it was done):\n{err[-2000:]}")
             elif p.returncode != 0:
                 extra.append(f"a run exited {p.returncode} without a fault:\n{err[-2000:]}")
-            log(f"{kind} trial {t}: kill {'r%d serve' % target if target else 'hub'} "
+            log(f"{kind} trial {t}: x{scale} batch, kill {'r%d serve' % target if target else 'hub'} "
                 f"at {delay:.2f}s/{span:.2f}s via {'openssh' if openssh else 'libssh2'}: "
                 f"{'killed' if landed else 'run already over'}, exit {p.returncode}")
             self.finish_trial(kind, t, world, pre, extra)
@@ -867,7 +939,9 @@ class Suite:
             if retries:
                 notes += f"recovery needed >1 run {len(retries)}x (max {max(retries)}) "
             if missed:
-                notes += f"{missed} transfers ended before the fault"
+                notes += f"{missed} transfers ended before the fault "
+            if "orphan" in s:
+                notes += f"leftover processes gone within {s['orphan']:.1f}s"
             lines.append(f"{k:<12} {s['trials']:>6} {s['landed']:>6} {s['failures']:>8} "
                          f"{s['lost']:>5}  {notes}")
             for j, key in enumerate(["trials", "landed", "failures", "lost"]):
@@ -890,6 +964,7 @@ def main():
         ap.error(f"unknown kinds {sorted(bad)}; known: {', '.join(KINDS)}")
     mode = "short" if a.short else "long"
     print(f"torture: {mode} mode, seed {seed} (reproduce with --seed {seed}), binary {HUB}", flush=True)
+    selftest()
     s = Suite(seed, a.short)
     rng = s.rng
     R = lambda name: os.path.join(WORK, name)
