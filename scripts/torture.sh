@@ -10,7 +10,8 @@
 #   net-silent   the SSH peer accepts TCP but never answers (sshd stopped before)
 #   net-cut      the link to the SSH peer taken down mid-transfer (the hub and the
 #                peer's sshd in two network namespaces joined by a veth pair)
-#   disk-full    the SSH peer's root on a small tmpfs that fills up mid-run
+#   disk-full    a receiving replica's filesystem (a small tmpfs) fills up mid-run:
+#                in turn the SSH peer's and the hub's own
 #   writers      a writer rewriting files on all replicas (temp + rename, and in
 #                place) at ~100 writes/s while a run starts every 2 s
 # After each trial hubsync runs again (the recovery) and the suite checks: every
@@ -153,11 +154,13 @@ for _ in $(seq 100); do
 done
 [ "$ready" = 1 ] || { say "the namespace's sshd did not start (see $NSD/sshd.log)"; exit 1; }
 
-# A small tmpfs for the disk-full trials.
-mkdir -p "$WORK/small"
-mount -t tmpfs -o size=48m,mode=0755 hubsync-torture "$WORK/small"
-MOUNTS+=("$WORK/small")
-export SMALL_FS="$WORK/small" WORK
+# Small filesystems for the disk-full trials: one for a peer's root, one for the hub's.
+for fs in small small2; do
+  mkdir -p "$WORK/$fs"
+  mount -t tmpfs -o size=48m,mode=0755 hubsync-torture "$WORK/$fs"
+  MOUNTS+=("$WORK/$fs")
+done
+export SMALL_FS="$WORK/small" SMALL_FS2="$WORK/small2" WORK
 
 set +e
 python3 "$HERE/torture/engine.py" "${ARGS[@]}"

@@ -32,6 +32,7 @@ NS_HUB = os.environ["NS_HUB"]
 NS_HUB_DEV = os.environ["NS_HUB_DEV"]
 ADDR_PEER = os.environ["ADDR_PEER"]
 SMALL_FS = os.environ["SMALL_FS"]
+SMALL_FS2 = os.environ["SMALL_FS2"]
 OPENSSH = f"ssh -F /dev/null -o BatchMode=yes -o GlobalKnownHostsFile=/dev/null -o LogLevel=ERROR"
 KINDS = ["crash-hub", "crash-serve", "net-stop", "net-silent", "net-cut", "disk-full", "writers"]
 T_START = time.monotonic()
@@ -272,8 +273,11 @@ class World:
                               *self.extra, *args]
 
     def start(self, args=()):
+        # A session of its own, so that the hub and its local children (a local
+        # peer's serve, the ssh client) can be killed together.
         return subprocess.Popen(self.cmd(args), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
 
     def run(self, args=(), limit=180):
         t = time.monotonic()
@@ -599,6 +603,11 @@ class Suite:
             target = rng.choice([1, 2]) if kind == "crash-serve" else 0
             if target and os.environ.get("TORTURE_SERVE_TARGET"):
                 target = int(os.environ["TORTURE_SERVE_TARGET"])
+            # The hub's host dying takes the local peer's serve and the ssh client
+            # with it: sometimes the whole process group goes.
+            group = target == 0 and rng.random() < 0.3
+            # And sometimes the run after the crash crashes too.
+            again = rng.random() < 0.25
             st = self.stats[kind]
             st["trials"] += 1
             t0 = time.monotonic()
@@ -616,7 +625,10 @@ class Suite:
                     victim = pids[0] if pids else None
                 if victim:
                     try:
-                        os.kill(victim, signal.SIGKILL)
+                        if group:
+                            os.killpg(victim, signal.SIGKILL)
+                        else:
+                            os.kill(victim, signal.SIGKILL)
                         landed = True
                     except ProcessLookupError:
                         pass
@@ -646,6 +658,29 @@ class Suite:
                                         f"60s: {hubsync_pids(world.roots)}"])
             if not landed and p.returncode == 0:
                 est[scale].append(dur)
+            second = ""
+            if landed and again and not hung:
+                # The next run is killed as well (the hub), at its own random moment.
+                d2 = rng.uniform(0.0, span)
+                t2 = time.monotonic()
+                p2 = world.start(args)
+                while time.monotonic() - t2 < d2 and p2.poll() is None:
+                    time.sleep(0.002)
+                second = f"; the next run killed at {d2:.2f}s: "
+                if p2.poll() is None:
+                    os.kill(p2.pid, signal.SIGKILL)
+                    second += "killed"
+                else:
+                    second += f"already over (exit {p2.returncode})"
+                try:
+                    p2.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p2.kill()
+                    p2.communicate()
+                    self.fail(kind, t, ["HANG: the run after the crash took more than 60s"])
+                t_dead = time.monotonic()
+                while hubsync_pids(world.roots) and time.monotonic() - t_dead < 60:
+                    time.sleep(0.02)
             extra = []
             if landed:
                 st["landed"] += 1
@@ -654,9 +689,10 @@ class Suite:
                                  f"killed (expected 2, or 0 if it was done):\n{err[-2000:]}")
             elif p.returncode != 0:
                 extra.append(f"a run exited {p.returncode} without a fault:\n{err[-2000:]}")
-            log(f"{kind} trial {t}: x{scale} batch, kill {'r%d serve' % target if target else 'hub'} "
+            what = f"r{target} serve" if target else ("hub's process group" if group else "hub")
+            log(f"{kind} trial {t}: x{scale} batch, kill {what} "
                 f"at {delay:.2f}s/{span:.2f}s via {'openssh' if openssh else 'libssh2'}: "
-                f"{'killed' if landed else 'run already over'}, exit {p.returncode}")
+                f"{'killed' if landed else 'run already over'}, exit {p.returncode}{second}")
             self.finish_trial(kind, t, world, pre, extra)
 
     # ---------------------------------------------------------------- network
@@ -737,10 +773,16 @@ class Suite:
 
     # ---------------------------------------------------------------- disk full
     def disk_full(self, world, n):
+        """The filesystem of one receiving replica fills up mid-run: in turn the SSH
+        peer r1 (the run is partial: exit 2) and the hub's own root r0 (the hub's own
+        replica failed: exit 1). Both roots live on small tmpfs mounts."""
         rng = self.rng
-        filler = os.path.join(SMALL_FS, "filler")
         kind = "disk-full"
         for t in range(n):
+            full = (1, 0)[t % 2]
+            fs = (SMALL_FS2, SMALL_FS)[full]
+            filler = os.path.join(fs, "filler")
+            source = 0 if full == 1 else 2
             st = self.stats[kind]
             st["trials"] += 1
             st["landed"] += 1
@@ -756,52 +798,54 @@ class Suite:
             b = Batch(world, rng, f"df{t}")
             b.mixed(edits=rng.randint(3, 10), creates=rng.randint(2, 6), deletes=rng.randint(1, 4),
                     conflicts=rng.randint(0, 2), rmdir=False, drop_big=0)
-            # Fill the peer's filesystem, leaving a little room.
-            vfs = os.statvfs(SMALL_FS)
-            # Sometimes no room even for the peer's own state files.
+            # Fill the replica's filesystem, leaving a little room, sometimes none
+            # even for its own state files.
+            vfs = os.statvfs(fs)
             room = rng.choice([0, 4 << 10, 64 << 10]) if rng.random() < 0.25 else \
                 rng.randint(256 << 10, 6 << 20)
             free = vfs.f_bavail * vfs.f_frsize
             with open(filler, "wb") as f:
                 f.write(b"\0" * max(0, free - room))
-            # Then more than that room of new and replaced files on the hub.
+            # Then more than that room of new and replaced files on another replica.
             need, k, newp = room + rng.randint(1 << 20, 8 << 20), 0, []
             while need > 0:
                 size = rng.randint(256 << 10, 3 << 20)
                 p = f"big/df{t}-{k}.bin"
-                b.put(0, p, size)
+                b.put(source, p, size)
                 newp.append(p)
                 need -= size
                 k += 1
             victim = rng.choice(sorted(p for p in world.base if not p.startswith("big/")))
-            b.put(0, victim, 2 << 20)
+            b.put(source, victim, 2 << 20)
             pre = world.snaps()
             code, out, err, dur = world.run(["--timeout", "10s"], limit=120)
             extra = []
-            if code != 2:
-                extra.append(f"exit {code} with the peer's disk full (expected 2):\n{err[-2000:]}")
-            low = err.lower()
-            if "space" not in low:
+            want = 2 if full == 1 else 1
+            who = "the peer r1" if full == 1 else "the hub r0"
+            if code != want:
+                extra.append(f"exit {code} with {who}'s disk full (expected {want}):\n{err[-2000:]}")
+            if "space" not in err.lower():
                 extra.append(f"no word of the full disk in the report:\n{err[-2000:]}")
-            if not any(x in err for x in [world.peers[0], "127.0.0.1"]):
-                extra.append(f"the report does not name the full peer:\n{err[-2000:]}")
+            names = ["127.0.0.1", world.peers[0]] if full == 1 else ["hub", world.roots[0]]
+            if not any(x in err for x in names):
+                extra.append(f"the report does not name {who}:\n{err[-2000:]}")
             if not any(x in err for x in newp + [victim]):
                 extra.append(f"the report names none of the paths that did not fit:\n{err[-2000:]}")
-            log(f"disk-full trial {t}: {room >> 10} KiB free, exit {code} in {dur:.1f}s; "
+            log(f"disk-full trial {t}: {who} full, {room >> 10} KiB free, exit {code} in {dur:.1f}s; "
                 f"report: {' | '.join(l for l in err.splitlines() if 'space' in l.lower())[:300]}")
-            after = snapshot(world.roots[1])
+            after = snapshot(world.roots[full])
             deleted_by_batch = {p for s in pre for p in world.base if p not in s.files}
             allowed = {}
             for s in pre:
                 for p, v in s.files.items():
                     allowed.setdefault(p, set()).add(v)
-            for p, v in pre[1].files.items():
+            for p, v in pre[full].files.items():
                 if p not in after.files and p not in deleted_by_batch:
-                    extra.append(f"r1 (full): {p} is gone")
+                    extra.append(f"r{full} (full): {p} is gone")
                 elif p in after.files and after.files[p] not in allowed.get(p, ()):
-                    extra.append(f"r1 (full): {p} holds {after.files[p]}, not a version of it")
+                    extra.append(f"r{full} (full): {p} holds {after.files[p]}, not a version of it")
             for q, head in after.invalid.items():
-                extra.append(f"r1 (full): {q} is partial: {head!r}")
+                extra.append(f"r{full} (full): {q} is partial: {head!r}")
             os.unlink(filler)
             self.finish_trial(kind, t, world, pre, extra)
 
@@ -998,7 +1042,7 @@ def main():
             populate(w, rng, 500, 20)
             s.net("net-cut", w, n(3, 8), roots[1])
         if "disk-full" in only:
-            roots = [R("full/r0"), os.path.join(SMALL_FS, "r1"), R("full/r2")]
+            roots = [os.path.join(SMALL_FS2, "r0"), os.path.join(SMALL_FS, "r1"), R("full/r2")]
             for r in roots:
                 os.makedirs(r)
             w = World("full", roots, [ssh(SSH_B_PORT, roots[1]), roots[2]])
