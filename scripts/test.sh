@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need (Debian packages) and runs every test: formatting,
 # lints, unit and integration tests (including those against a real sshd on
-# 127.0.0.1), the DokuWiki end-to-end test, and the benchmark in its short mode.
+# 127.0.0.1), the DokuWiki end-to-end test, and the benchmark and the
+# fault-injection suite in their short modes.
 # CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,5 +43,9 @@ cargo test --locked
 scripts/dokuwiki-e2e.sh
 if [ -x scripts/bench.sh ]; then
   scripts/bench.sh --short
+fi
+# Fault injection (crashes, network faults, a full disk, concurrent writers), short mode.
+if [ -x scripts/torture.sh ]; then
+  scripts/torture.sh --short
 fi
 echo "scripts/test.sh: all tests passed"

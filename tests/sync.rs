@@ -749,3 +749,89 @@ fn a_crash_just_after_replacing_a_conflicts_loser_keeps_the_loser() {
     assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), "hub's edit");
     e.assert_converged();
 }
+
+/// The pid of the `hubsync serve ROOT` process for `root`, once it runs.
+fn serve_pid(root: &std::path::Path) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+        if args.len() >= 2
+            && args[args.len() - 2] == b"serve"
+            && args[args.len() - 1] == root.as_os_str().as_encoded_bytes()
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_peer_that_dies_while_it_is_a_source_does_not_hang_the_run() {
+    // Found by scripts/torture.sh (crash-serve): the reads a dead source owed kept
+    // their share of the in-flight budget, so the transfers queued behind them never
+    // started and the hub waited forever, owed nothing by anyone, past every timeout.
+    use std::time::{Duration, Instant};
+    let e = Env::new(3);
+    e.write(0, "seed", "x", T0);
+    e.sync_ok(&[]);
+    write_at(&e.p(2, "big"), &vec![7u8; 64 << 20], T0, 0);
+    for i in 0..300 {
+        write_at(
+            &e.p(0, &format!("new{i}")),
+            &vec![i as u8; 100 << 10],
+            T0,
+            0,
+        );
+    }
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("sync").args([e.r(0), e.r(1), e.r(2)]);
+    cmd.args(["--timeout", "5s"]);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let started = Instant::now();
+    let mut hub = cmd.spawn().unwrap();
+    // Once data flows, freeze r2's serve so that reads pile up unanswered, then kill it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pid = None;
+    while Instant::now() < deadline {
+        let receiving = find(&e.r(1), ".hubsync.").iter().any(|p| {
+            p.to_string_lossy().ends_with(".tmp") && !p.to_string_lossy().contains("/.hubsync/")
+        });
+        pid = serve_pid(&e.r(2));
+        if receiving && pid.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = pid.expect("r2's serve").to_string();
+    let signal = |s: &str| {
+        std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .unwrap()
+    };
+    signal("-STOP");
+    std::thread::sleep(Duration::from_millis(500));
+    signal("-KILL");
+    let waited = Instant::now();
+    while hub.try_wait().unwrap().is_none() && waited.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if hub.try_wait().unwrap().is_none() {
+        hub.kill().unwrap();
+        panic!("the hub still runs 30 s after a peer died (--timeout 5s)");
+    }
+    let out = hub.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(40));
+    // The other peer got everything the hub had, and the next run converges.
+    assert_eq!(std::fs::read(e.p(1, "new299")).unwrap().len(), 100 << 10);
+    e.sync_ok(&[]);
+    e.assert_converged();
+}

@@ -682,6 +682,25 @@ impl Run<'_> {
                 ex.in_flight = ex.in_flight.saturating_sub(rep.queued);
                 rep.queued = 0;
             }
+            // Nor will the answers a dead replica owed. A read gives its share of the
+            // in-flight budget back only when answered: without this, a source that
+            // died mid-transfer kept the budget forever, no queued transfer could
+            // start, and the run waited on nobody, past every timeout.
+            let owed: Vec<(usize, u32)> = (ex.by_id.keys())
+                .filter(|(r, _)| !self.reps[*r].conn.alive)
+                .copied()
+                .collect();
+            for key in owed {
+                match ex.by_id.remove(&key) {
+                    Some(Waiting::Read { transfer, len }) => {
+                        ex.in_flight = ex.in_flight.saturating_sub(len);
+                        ex.transfers[transfer].outstanding -= 1;
+                        release(&mut ex, transfer);
+                    }
+                    Some(Waiting::MergeRead { job, .. }) => ex.merges[job].outstanding -= 1,
+                    Some(Waiting::Task(_)) | None => {}
+                }
+            }
             for t in 0..ex.tasks.len() {
                 let r = ex.tasks[t].replica;
                 if ex.tasks[t].outcome == Outcome::Pending && !self.reps[r].conn.alive {
@@ -1022,6 +1041,14 @@ impl Run<'_> {
                 }
                 Some(Err(e @ (&OpError::Changed | &OpError::SourceChanged))) => {
                     let line = format!("{label}: {}: {e}", item.path);
+                    self.reps[t.replica].report.deferred += 1;
+                    self.report.warnings.push(line);
+                }
+                // What a failed source could not send is that source's failure,
+                // reported once with it; the destination did nothing wrong, and the
+                // path syncs on the next run.
+                Some(Err(e)) if alive && item.source.is_some_and(|s| !self.reps[s].conn.alive) => {
+                    let line = format!("{label}: {}: {e}; it syncs next run", item.path);
                     self.reps[t.replica].report.deferred += 1;
                     self.report.warnings.push(line);
                 }

@@ -540,6 +540,8 @@ impl Run<'_> {
                 }
             }
             Event::Response(other) => self.on_exec_event(r, other),
+            // A dead replica's queue was written off whole when it died.
+            Event::Drained(_) if !rep.conn.alive => {}
             Event::Drained(n) => {
                 rep.queued = rep.queued.saturating_sub(n);
                 self.on_drained(n);
