@@ -124,118 +124,7 @@ rm -f "$BENCH_OUT"/runs.tsv "$BENCH_OUT"/hubsync-*.json "$BENCH_OUT"/summary.txt
     "$BENCH_OUT"/verify.txt "$BENCH_OUT"/failed-*.log
 
 # ---- measurement helper ------------------------------------------------------------
-# measure.py PHASE TOOL REP KIND STDOUT TSV LOG LIMIT -- CMD...: runs CMD under GNU
-# time, samples the VmHWM of every descendant every 10 ms, kills it after LIMIT
-# seconds (exit 124), appends one row to runs.tsv, exits as CMD did.
-cat >"$W/measure.py" <<'EOF'
-import os, signal, subprocess, sys, tempfile, threading, time
-
-phase, tool, rep, kind, out, tsv, log, limit = sys.argv[1:9]
-assert sys.argv[9] == "--"
-cmd = sys.argv[10:]
-limit = float(limit)
-tfile = tempfile.NamedTemporaryFile(prefix="time.", delete=False).name
-peaks = {}   # pid -> [depth, name, hwm_kb]
-done = threading.Event()
-
-def stat(pid):
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        s = f.read()
-    r = s.rindex(b")")
-    return s[s.index(b"(") + 1:r].decode(errors="replace"), int(s[r + 2:].split()[1])
-
-def hwm(pid):
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-def name_of(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        name = os.path.basename(argv[0].decode(errors="replace"))
-        if len(argv) > 1 and argv[1] == b"serve":
-            name += " serve"
-        return name
-    except OSError:
-        return "?"
-
-def poll(root):
-    depth = {root: 0}
-    while not done.is_set():
-        # New descendants have higher pids (no wrap-around in a short run).
-        for e in os.listdir("/proc"):
-            if e.isdigit():
-                pid = int(e)
-                if pid > root and pid not in depth:
-                    try:
-                        _, ppid = stat(pid)
-                    except (OSError, ValueError):
-                        continue
-                    if ppid in depth:
-                        depth[pid] = depth[ppid] + 1
-                        peaks[pid] = [depth[pid], name_of(pid), 0]
-        for pid, p in list(peaks.items()):
-            try:
-                p[2] = max(p[2], hwm(pid))
-                if p[1] in ("time", "bash", "?"):  # seen between fork and exec
-                    p[1] = name_of(pid)
-            except (OSError, ValueError):
-                pass
-        done.wait(0.01)
-
-with open(out, "wb") as so, open(log, "ab") as se:
-    se.write((" ".join(cmd) + "\n").encode())
-    se.flush()
-    t0 = time.monotonic()
-    # Its own session, so that a run over the time limit goes with all its children.
-    p = subprocess.Popen(["/usr/bin/time", "-f", "%e %M", "-o", tfile, "--"] + cmd,
-                         stdout=so, stderr=se, start_new_session=True)
-    th = threading.Thread(target=poll, args=(p.pid,), daemon=True)
-    th.start()
-    killed = []
-    def kill(sig):
-        killed.append(sig)
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
-    timers = [threading.Timer(limit, kill, (signal.SIGTERM,)),
-              threading.Timer(limit + 10, kill, (signal.SIGKILL,))]
-    for t in timers:
-        t.daemon = True
-        t.start()
-    def interrupted(sig, frame):  # ^C or TERM: take the measured command along
-        kill(signal.SIGKILL)
-        os._exit(128 + sig)
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
-    rc = p.wait()  # a blocking wait: wait(timeout=...) polls and rounds the time up
-    wall = time.monotonic() - t0
-    for t in timers:
-        t.cancel()
-    if killed:
-        se.write(f"measure.py: killed after {limit:g} s (BENCH_TIMEOUT)\n".encode())
-        rc = 124
-    done.set()
-    th.join()
-with open(tfile) as f:
-    lines = [l for l in f.read().splitlines() if l.strip()]
-os.unlink(tfile)
-try:
-    e, m = lines[-1].split()
-except (IndexError, ValueError):
-    e, m = "nan", "0"
-main = max((v[2] for v in peaks.values() if v[0] == 1), default=0)
-child = max((v[2] for v in peaks.values() if v[0] >= 2), default=0)
-names = ",".join(sorted({v[1] for v in peaks.values()}))
-with open(tsv, "a") as f:
-    f.write(f"{phase}\t{tool}\t{rep}\t{kind}\t{wall:.4f}\t{e}\t{m}\t{rc}\t{main}\t{child}\t{names}\n")
-sys.exit(rc)
-EOF
-
+# scripts/lib/measure.py runs and samples one command and appends a row to runs.tsv.
 TSV=$BENCH_OUT/runs.tsv
 printf 'phase\ttool\trep\tkind\twall_s\ttime_e\tmaxrss_kb\texit\tmain_hwm_kb\tchild_hwm_kb\tprocs\n' >"$TSV"
 FAILED=0
@@ -247,7 +136,7 @@ measure() {
     shift 5
     local log=$W/logs/$phase-$tool-$rep.log rc=0
     sync
-    python3 "$W/measure.py" "$phase" "$tool" "$rep" "$kind" "$out" "$TSV" "$log" "$TIMEOUT" -- "$@" || rc=$?
+    python3 "$SCRIPTS/lib/measure.py" "$phase" "$tool" "$rep" "$kind" "$out" "$TSV" "$log" "$TIMEOUT" -- "$@" || rc=$?
     LAST_RC=$rc
     if [[ $rc -ne 0 ]]; then
         FAILED=1
@@ -309,35 +198,7 @@ listing() {
         -o -printf '%y %P %s %T@ %m\n' | LC_ALL=C sort)
 }
 
-# same.py HUB_LISTING PEER_LISTING TOLERANCE_NS: prints how many entries differ (and
-# up to 3 examples on stderr); mtimes may differ by the tolerance (unison keeps mtimes
-# as floating-point seconds, so only to about a microsecond).
-cat >"$W/same.py" <<'EOF'
-import sys
-def load(path):
-    out = {}
-    for line in open(path, encoding="utf-8", errors="surrogateescape"):
-        f = line.rstrip("\n").split(" ")
-        if f[0] == "d":
-            out[" ".join(f[1:])] = ("d",)
-        else:
-            sec, _, frac = f[-2].partition(".")
-            ns = int(sec) * 10**9 + int((frac + "000000000")[:9])
-            out[" ".join(f[1:-3])] = (f[0], f[-3], ns, f[-1])
-    return out
-a, b, tol = load(sys.argv[1]), load(sys.argv[2]), int(sys.argv[3])
-bad = []
-for k in sorted(set(a) | set(b)):
-    x, y = a.get(k), b.get(k)
-    same = x is not None and y is not None and (
-        x == y or (len(x) == 4 and len(y) == 4 and x[0] == y[0] and x[1] == y[1]
-                   and x[3] == y[3] and abs(x[2] - y[2]) <= tol))
-    if not same:
-        bad.append(f"{k}: hub {x} peer {y}")
-for e in bad[:3]:
-    print("    | " + e, file=sys.stderr)
-print(len(bad))
-EOF
+# scripts/lib/same.py compares two listings (unison's mtimes within 2 us).
 
 # verify PHASE [content]: every peer against its hub.
 verify() {
@@ -347,7 +208,7 @@ verify() {
         [[ $x == u ]] && tol=2000
         listing "$W/hub_$x" >"$W/logs/list-hub"
         listing "$W/peer_$x" >"$W/logs/list-peer"
-        n=$(python3 "$W/same.py" "$W/logs/list-hub" "$W/logs/list-peer" $tol)
+        n=$(python3 "$SCRIPTS/lib/same.py" "$W/logs/list-hub" "$W/logs/list-peer" $tol)
         if [[ $n -ne 0 ]]; then
             res="$n entries differ (name/size/mtime/mode)"
         fi
