@@ -10,7 +10,7 @@
 # Environment:
 #   HUBSYNC      hubsync binary (default: `cargo build --release` of this repository)
 #   BENCH_FILES  number of files in the tree (default 100000; 5000 with --short)
-#   BENCH_REPS   timed repetitions per phase (default 3; 1 with --short)
+#   BENCH_REPS   timed repetitions per phase (default 5; 1 with --short)
 #   BENCH_SEED   tree seed (default 42)
 #   BENCH_DIR    where the work directory is made (default /tmp); needs free space
 #                of about 50 KB per file (6 copies of the tree)
@@ -22,10 +22,15 @@
 #                `cp -a` plus one hubsync run (reported as "seeded"), so that the
 #                later phases still measure hubsync.
 #   BENCH_STRICT=1  exit 3 when a target from the issue is missed
+#   BENCH_FRESH_FS=0  first syncs into new directories instead of a fresh
+#                loop-mounted ext4 per run (which needs root; without it, or when
+#                loop devices fail, new directories are used and the report says so)
 #
 # Phases (each tool has its own hub/peer pair: hub_h/peer_h for hubsync, hub_u/peer_u
 # for unison, hub_r/peer_r for rsync; all start identical):
-#   first     first sync into an empty peer (peer and sync state recreated each time)
+#   first     first sync into an empty peer (peer and sync state recreated each time,
+#             the peer on a fresh file system: scripts/lib/fresh-fs.sh; the hub keeps
+#             its scan cache, only .hubsync/pairs goes)
 #   nochange  a run with nothing to do; `find` over hub+peer, in parallel and one
 #             after the other, is the floor
 #   small     a run after 5 DokuWiki page edits (page, attic revision, .changes,
@@ -57,7 +62,7 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-[[ $SHORT == 1 ]] && def_files=5000 def_reps=1 || def_files=100000 def_reps=3
+[[ $SHORT == 1 ]] && def_files=5000 def_reps=1 || def_files=100000 def_reps=5
 FILES=${BENCH_FILES:-$def_files}
 REPS=${BENCH_REPS:-$def_reps}
 SEED=${BENCH_SEED:-42}
@@ -72,6 +77,8 @@ BENCH_OUT=${BENCH_OUT:-/tmp/hubsync-bench}
 SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$SCRIPTS")
 GEN=$SCRIPTS/gen-tree.py
+# shellcheck source=/dev/null # scripts/lib/fresh-fs.sh
+source "$SCRIPTS/lib/fresh-fs.sh"
 
 # ---- tools -------------------------------------------------------------------------
 missing=()
@@ -107,21 +114,26 @@ if [[ $avail -lt $need ]]; then
     die "$BENCH_DIR has $((avail >> 20)) MiB free; $FILES files need about $((need >> 20)) MiB (set BENCH_DIR)"
 fi
 W=$(mktemp -d "$BENCH_DIR/hubsync-bench.XXXXXX")
+# shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
     local rc=$?
+    fresh_fs_cleanup
     if [[ $KEEP == 1 ]]; then
         note "kept $W"
     else
         rm -rf -- "$W"
     fi
-    exit $rc
+    exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-mkdir -p "$W/logs" "$W/edits"
+mkdir -p "$W/logs" "$W/edits" "$W/fs"
 rm -f "$BENCH_OUT"/runs.tsv "$BENCH_OUT"/hubsync-*.json "$BENCH_OUT"/summary.txt "$BENCH_OUT"/results.json \
     "$BENCH_OUT"/verify.txt "$BENCH_OUT"/failed-*.log
+fresh_fs_init "$W/fs"
+# Each tool's peer: a new directory in a fresh file system for every first sync.
+declare -A PEER=([h]=$W/peer_h [u]=$W/peer_u [r]=$W/peer_r)
 
 # ---- measurement helper ------------------------------------------------------------
 # scripts/lib/measure.py runs and samples one command and appends a row to runs.tsv.
@@ -146,7 +158,9 @@ measure() {
     fi
 }
 
+# shellcheck disable=SC2016 # expanded by the bash that measure starts
 FIND_PAR='find "$1" -printf "%s %T@\n" >/dev/null & find "$2" -printf "%s %T@\n" >/dev/null & wait'
+# shellcheck disable=SC2016 # expanded by the bash that measure starts
 FIND_SEQ='find "$1" -printf "%s %T@\n" >/dev/null; find "$2" -printf "%s %T@\n" >/dev/null'
 export UNISON=$W/unison-state
 
@@ -157,29 +171,33 @@ run() {
         hubsync)
             if [[ $kind == json ]]; then
                 measure "$phase" "$tool" "$rep" "$kind" "$BENCH_OUT/hubsync-$phase-$rep.json" \
-                    "$HUBSYNC" sync --json "$W/hub_h" "$W/peer_h"
+                    "$HUBSYNC" sync --json "$W/hub_h" "${PEER[h]}"
             else
                 measure "$phase" "$tool" "$rep" "$kind" /dev/null \
-                    "$HUBSYNC" sync -q "$W/hub_h" "$W/peer_h"
+                    "$HUBSYNC" sync -q "$W/hub_h" "${PEER[h]}"
             fi ;;
         unison)
             measure "$phase" "$tool" "$rep" "$kind" /dev/null \
-                unison "$W/hub_u" "$W/peer_u" -batch -times -fastcheck true -auto -ui text -silent ;;
+                unison "$W/hub_u" "${PEER[u]}" -batch -times -fastcheck true -auto -ui text -silent ;;
         rsync)
-            measure "$phase" "$tool" "$rep" "$kind" /dev/null rsync -a "$W/hub_r/" "$W/peer_r/" ;;
+            measure "$phase" "$tool" "$rep" "$kind" /dev/null rsync -a "$W/hub_r/" "${PEER[r]}/" ;;
         find-par)
-            measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c "$FIND_PAR" _ "$W/hub_h" "$W/peer_h" ;;
+            measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c "$FIND_PAR" _ "$W/hub_h" "${PEER[h]}" ;;
         find-seq)
-            measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c "$FIND_SEQ" _ "$W/hub_h" "$W/peer_h" ;;
+            measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c "$FIND_SEQ" _ "$W/hub_h" "${PEER[h]}" ;;
     esac
 }
 
-# reset_first TOOL: an empty peer and no sync state.
+# reset_first TOOL: an empty peer on a fresh file system (scripts/lib/fresh-fs.sh) and
+# no sync state; hubsync's hub keeps its scan cache (as a hub that adds a peer has it).
 reset_first() {
+    local x=${1:0:1}
+    fresh_fs "$W/fs/$x" "$FS_BYTES" "$FS_INODES"
+    PEER[$x]=$W/fs/$x/peer
+    mkdir "${PEER[$x]}"
     case $1 in
-        hubsync) rm -rf "$W/peer_h" "$W/hub_h/.hubsync"; mkdir "$W/peer_h" ;;
-        unison) rm -rf "$W/peer_u" "$UNISON"; mkdir "$W/peer_u" "$UNISON" ;;
-        rsync) rm -rf "$W/peer_r"; mkdir "$W/peer_r" ;;
+        hubsync) rm -rf "$W/hub_h/.hubsync/pairs" ;;
+        unison) rm -rf "$UNISON"; mkdir "$UNISON" ;;
     esac
 }
 
@@ -207,12 +225,12 @@ verify() {
         local x=${pair%%:*} tool=${pair#*:} res=ok n tol=0
         [[ $x == u ]] && tol=2000
         listing "$W/hub_$x" >"$W/logs/list-hub"
-        listing "$W/peer_$x" >"$W/logs/list-peer"
+        listing "${PEER[$x]}" >"$W/logs/list-peer"
         n=$(python3 "$SCRIPTS/lib/same.py" "$W/logs/list-hub" "$W/logs/list-peer" $tol)
         if [[ $n -ne 0 ]]; then
             res="$n entries differ (name/size/mtime/mode)"
         fi
-        if [[ $what == content ]] && ! diff -rq --exclude=.hubsync "$W/hub_$x" "$W/peer_$x" >"$W/logs/diff-$x" 2>&1; then
+        if [[ $what == content ]] && ! diff -rq --exclude=.hubsync "$W/hub_$x" "${PEER[$x]}" >"$W/logs/diff-$x" 2>&1; then
             res="$res; content differs in $(wc -l <"$W/logs/diff-$x") paths"
         fi
         printf '%s\t%s\t%s\n' "$phase" "$tool" "$res" >>"$BENCH_OUT/verify.txt"
@@ -230,9 +248,12 @@ python3 "$GEN" tree "$W/hub_r" --files "$FILES" --seed "$SEED" 2>"$W/logs/gen.lo
 cat "$W/logs/gen.log" >&2
 cp -a "$W/hub_r" "$W/hub_h"
 cp -a "$W/hub_r" "$W/hub_u"
-mkdir -p "$W/peer_h" "$W/peer_u" "$W/peer_r" "$UNISON"
+mkdir -p "$UNISON"
 TREE_BYTES=$(du -sb --apparent-size "$W/hub_r" | awk '{print $1}')
+FS_BYTES=$(($(du -sB1 "$W/hub_r" | awk '{print $1}') * 2 + 256 * 1024 * 1024))
+FS_INODES=$((FILES * 3 / 2 + 20000))
 note "tree: $(find "$W/hub_r" -type f | wc -l) files, $((TREE_BYTES / 1000000)) MB; $REPS timed repetition(s) + 1 warm-up per phase"
+note "first syncs into $([[ $FRESH_FS == 1 ]] && echo "a fresh loop-mounted ext4 each" || echo "new directories on $BENCH_DIR ($FRESH_FS_WHY)")"
 
 # ---- phase 1: first sync into an empty peer ----------------------------------------
 H_FIRST_OK=1
@@ -254,8 +275,8 @@ for ((rep = 0; rep <= REPS; rep++)); do
 done
 if [[ $H_FIRST_OK == 0 ]]; then
     note "seeding peer_h with cp -a and one hubsync run, for the later phases"
-    rm -rf "$W/peer_h" "$W/hub_h/.hubsync"
-    cp -a "$W/hub_h" "$W/peer_h"
+    rm -rf "${PEER[h]}" "$W/hub_h/.hubsync"
+    cp -a "$W/hub_h" "${PEER[h]}"
     sleep 3 # past hubsync's 2 s racy-ctime window, as an older copy would be
     run hubsync first seeded json
 fi
@@ -302,11 +323,12 @@ verify small content
 ELAPSED=$(($(date +%s) - started))
 python3 - "$BENCH_OUT" "$FILES" "$TREE_BYTES" "$REPS" "$SEED" "$ELAPSED" "$HUBSYNC" \
     "$("$HUBSYNC" --version)" "$(unison -version 2>&1 | head -n 1)" "$(rsync --version | head -n 1)" \
-    "$(nproc)" "$(df -PT "$W" | awk 'NR == 2 { print $2 }')" "$FAILED" "${BENCH_STRICT:-0}" "$TIMEOUT" <<'EOF'
+    "$(nproc)" "$(df -PT "$W" | awk 'NR == 2 { print $2 }')" "$FAILED" "${BENCH_STRICT:-0}" "$TIMEOUT" \
+    "$FRESH_FS" "$FRESH_FS_WHY" <<'EOF'
 import csv, json, math, os, statistics, sys
 
 (out, files, tree_bytes, reps, seed, elapsed, exe, v_h, v_u, v_r, cpus, fstype,
- failed, strict, limit) = sys.argv[1:]
+ failed, strict, limit, fresh_fs, fresh_why) = sys.argv[1:]
 files, tree_bytes, reps, limit = int(files), int(tree_bytes), int(reps), int(limit)
 rows = list(csv.DictReader(open(os.path.join(out, "runs.tsv")), delimiter="\t"))
 MB = 1024 / 1e6  # KiB -> MB (10^6 bytes)
@@ -376,6 +398,8 @@ p(f"hubsync benchmark: {files} files, {tree_bytes / 1e6:.0f} MB (seed {seed}), {
   f"{reps} timed run(s) per cell after 1 warm-up")
 p(f"  {v_h} ({exe}); {v_u}; {v_r}")
 p("  page cache NOT dropped: all figures are warm-cache medians; `sync` before every run")
+p("  first syncs into " + ("a fresh loop-mounted ext4 each (hubs keep their scan caches)" if fresh_fs == "1"
+                           else f"new directories on {fstype}, not fresh file systems ({fresh_why})"))
 p("  peak MB = GNU time %M (process + waited children, max over timed runs), 10^6 bytes;")
 p("  hub/serve MB = VmHWM of hubsync's hub process / its serve child, sampled every 10 ms")
 p("")
@@ -492,7 +516,7 @@ print(text, end="")
 clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v
 res = {
     "files": files, "tree_bytes": tree_bytes, "reps": reps, "seed": int(seed), "cpus": int(cpus),
-    "filesystem": fstype, "timeout_s": limit, "versions": {"hubsync": v_h, "unison": v_u, "rsync": v_r},
+    "filesystem": fstype, "fresh_fs_per_first_sync": fresh_fs == "1", "timeout_s": limit, "versions": {"hubsync": v_h, "unison": v_u, "rsync": v_r},
     "page_cache": "warm (not dropped); medians of warm runs",
     "stats": {f"{ph}/{t}": {k: clean(v) for k, v in s.items()} for (ph, t), s in stats.items()},
     "ratios": {ph: {k: clean(v) for k, v in rs.items()} for ph, rs in ratios.items()},
