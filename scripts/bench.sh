@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # hubsync benchmark: one hub and one local peer on a DokuWiki-shaped tree, next to
-# unison and rsync -a on identical copies, with `find` over both trees as the floor.
+# unison and rsync -a on identical copies, with `find` over both trees as the floor;
+# then the same over SSH (scripts/bench-ssh.sh: hubsync with libssh2, with OpenSSH and
+# with an OpenSSH ControlMaster, unison and rsync over ssh to a private sshd on
+# 127.0.0.1, 4 peers against 1, wire bytes, and one big file's throughput).
 #
-# Usage: scripts/bench.sh [--short] [--keep]
+# Usage: scripts/bench.sh [--short] [--keep] [--local-only | --ssh-only]
 #
-#   --short      CI mode (also BENCH_SHORT=1): 5,000 files, 1 timed repetition
-#   --keep       keep the work directory (also BENCH_KEEP=1)
+#   --short      CI mode (also BENCH_SHORT=1): 5,000 files, 1 timed repetition, a
+#                128 MiB big file; a few minutes
+#   --keep       keep the work directories (also BENCH_KEEP=1)
+#   --local-only / --ssh-only   run one part (also BENCH_PARTS=local or ssh)
+#
+# Results: BENCH_OUT/bench.md (both parts, markdown; its path is printed last), and
+# per part summary.txt / ssh/summary.md, results.json, runs.tsv.
 #
 # Environment:
 #   HUBSYNC      hubsync binary (default: `cargo build --release` of this repository)
 #   BENCH_FILES  number of files in the tree (default 100000; 5000 with --short)
 #   BENCH_REPS   timed repetitions per phase (default 5; 1 with --short)
 #   BENCH_SEED   tree seed (default 42)
-#   BENCH_DIR    where the work directory is made (default /tmp); needs free space
-#                of about 50 KB per file (6 copies of the tree)
+#   BENCH_DIR    where the work directories are made (default /tmp); needs free
+#                space of about 50 KB per file for the local part, 120 KB per file
+#                (and 3 copies of the big file) for the SSH part
 #   BENCH_OUT    where results go (default /tmp/hubsync-bench): summary.txt,
 #                results.json, runs.tsv, the hubsync --json documents
 #   BENCH_TIMEOUT   seconds after which one run is killed and counted as failed
@@ -21,10 +30,11 @@
 #                remaining first-sync runs are skipped and its peer is seeded with
 #                `cp -a` plus one hubsync run (reported as "seeded"), so that the
 #                later phases still measure hubsync.
-#   BENCH_STRICT=1  exit 3 when a target from the issue is missed
+#   BENCH_STRICT=1  exit 3 when a target from the issue is missed (local part)
 #   BENCH_FRESH_FS=0  first syncs into new directories instead of a fresh
 #                loop-mounted ext4 per run (which needs root; without it, or when
 #                loop devices fail, new directories are used and the report says so)
+#   BENCH_BIG_MB, BENCH_SSH_RC: see scripts/bench-ssh.sh --help
 #
 # Phases (each tool has its own hub/peer pair: hub_h/peer_h for hubsync, hub_u/peer_u
 # for unison, hub_r/peer_r for rsync; all start identical):
@@ -43,8 +53,9 @@
 # RSS is GNU time's %M (the process and the children it waited for). hubsync's hub
 # process and its `serve` child are also sampled separately (VmHWM every 10 ms).
 #
-# Exit status: 0 when every run exited 0 and every peer matched its hub; 1 otherwise;
-# 2 usage or set-up errors; 3 with BENCH_STRICT=1 when a target was missed.
+# Exit status: 0 when every run exited 0 and every peer matched its hub (both parts);
+# 1 otherwise; 2 usage or set-up errors; 3 with BENCH_STRICT=1 when a target was
+# missed. Timings alone never fail it.
 
 set -euo pipefail
 
@@ -53,10 +64,13 @@ note() { echo "bench.sh: $*" >&2; }
 
 SHORT=${BENCH_SHORT:-0}
 KEEP=${BENCH_KEEP:-0}
+PARTS=${BENCH_PARTS:-all}
 while [[ $# -gt 0 ]]; do
     case $1 in
         --short) SHORT=1 ;;
         --keep) KEEP=1 ;;
+        --local-only) PARTS=local ;;
+        --ssh-only) PARTS=ssh ;;
         -h | --help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
@@ -73,6 +87,7 @@ BENCH_OUT=${BENCH_OUT:-/tmp/hubsync-bench}
 [[ $REPS =~ ^[0-9]+$ && $REPS -ge 1 ]] || die "BENCH_REPS must be a number >= 1"
 [[ $SEED =~ ^[0-9]+$ ]] || die "BENCH_SEED must be a number"
 [[ $TIMEOUT =~ ^[0-9]+$ && $TIMEOUT -ge 1 ]] || die "BENCH_TIMEOUT must be a number of seconds"
+[[ $PARTS =~ ^(all|local|ssh)$ ]] || die "BENCH_PARTS must be all, local or ssh"
 
 SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$SCRIPTS")
@@ -106,6 +121,45 @@ else
 fi
 "$HUBSYNC" --version >/dev/null 2>&1 || die "$HUBSYNC --version failed"
 
+# ssh_part LOCAL_RC: runs scripts/bench-ssh.sh, writes BENCH_OUT/bench.md and exits
+# with the worse of the two parts' statuses.
+ssh_part() {
+    local local_rc=$1 ssh_rc=0 md=$BENCH_OUT/bench.md
+    if [[ $PARTS != local ]]; then
+        note "SSH part: scripts/bench-ssh.sh"
+        HUBSYNC=$HUBSYNC BENCH_FILES=$FILES BENCH_REPS=$REPS BENCH_SEED=$SEED BENCH_TIMEOUT=$TIMEOUT \
+            BENCH_DIR=$BENCH_DIR BENCH_SSH_OUT=$BENCH_OUT/ssh BENCH_SHORT=$SHORT BENCH_KEEP=$KEEP \
+            "$SCRIPTS/bench-ssh.sh" || ssh_rc=$?
+    fi
+    {
+        echo "# hubsync benchmark ($(date -u '+%Y-%m-%d %H:%M UTC'), $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+        echo
+        if [[ $PARTS != ssh && -f $BENCH_OUT/summary.txt ]]; then
+            echo "## Local peer (hub and peer on this machine)"
+            echo
+            echo '```'
+            cat "$BENCH_OUT/summary.txt"
+            echo '```'
+            echo
+        fi
+        if [[ $PARTS != local ]]; then
+            if [[ -f $BENCH_OUT/ssh/summary.md ]]; then cat "$BENCH_OUT/ssh/summary.md"; else echo "SSH part: no summary (exit $ssh_rc)"; fi
+        fi
+    } >"$md"
+    note "results: $md"
+    local rc
+    for rc in 2 1 3; do
+        if [[ $local_rc == "$rc" || $ssh_rc == "$rc" ]]; then exit "$rc"; fi
+    done
+    [[ $local_rc == 0 && $ssh_rc == 0 ]] || exit 1
+    exit 0
+}
+if [[ $PARTS == ssh ]]; then
+    mkdir -p "$BENCH_OUT" || die "cannot create $BENCH_OUT"
+    rm -f "$BENCH_OUT"/summary.txt "$BENCH_OUT"/bench.md
+    ssh_part 0
+fi
+
 # ---- work directory ----------------------------------------------------------------
 mkdir -p "$BENCH_DIR" "$BENCH_OUT" || die "cannot create $BENCH_DIR or $BENCH_OUT"
 need=$((FILES * 50 * 1024 + 512 * 1024 * 1024))
@@ -114,15 +168,18 @@ if [[ $avail -lt $need ]]; then
     die "$BENCH_DIR has $((avail >> 20)) MiB free; $FILES files need about $((need >> 20)) MiB (set BENCH_DIR)"
 fi
 W=$(mktemp -d "$BENCH_DIR/hubsync-bench.XXXXXX")
-# shellcheck disable=SC2317 # called by the EXIT trap
-cleanup() {
-    local rc=$?
+drop_work() {
     fresh_fs_cleanup
     if [[ $KEEP == 1 ]]; then
         note "kept $W"
     else
         rm -rf -- "$W"
     fi
+}
+# shellcheck disable=SC2317 # called by the EXIT trap
+cleanup() {
+    local rc=$?
+    drop_work
     exit "$rc"
 }
 trap cleanup EXIT
@@ -130,7 +187,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 mkdir -p "$W/logs" "$W/edits" "$W/fs"
 rm -f "$BENCH_OUT"/runs.tsv "$BENCH_OUT"/hubsync-*.json "$BENCH_OUT"/summary.txt "$BENCH_OUT"/results.json \
-    "$BENCH_OUT"/verify.txt "$BENCH_OUT"/failed-*.log
+    "$BENCH_OUT"/verify.txt "$BENCH_OUT"/failed-*.log "$BENCH_OUT"/bench.md
 fresh_fs_init "$W/fs"
 # Each tool's peer: a new directory in a fresh file system for every first sync.
 declare -A PEER=([h]=$W/peer_h [u]=$W/peer_u [r]=$W/peer_r)
@@ -138,9 +195,10 @@ declare -A PEER=([h]=$W/peer_h [u]=$W/peer_u [r]=$W/peer_r)
 # ---- measurement helper ------------------------------------------------------------
 # scripts/lib/measure.py runs and samples one command and appends a row to runs.tsv.
 TSV=$BENCH_OUT/runs.tsv
-printf 'phase\ttool\trep\tkind\twall_s\ttime_e\tmaxrss_kb\texit\tmain_hwm_kb\tchild_hwm_kb\tprocs\n' >"$TSV"
+printf 'phase\ttool\trep\tkind\twall_s\ttime_e\tmaxrss_kb\texit\tmain_hwm_kb\tchild_hwm_kb\tprocs\tremote_hwm_kb\tremote_procs\n' >"$TSV"
 FAILED=0
 LAST_RC=0
+LOCAL_RC=0
 
 # measure PHASE TOOL REP KIND STDOUT CMD...
 measure() {
@@ -324,7 +382,7 @@ ELAPSED=$(($(date +%s) - started))
 python3 - "$BENCH_OUT" "$FILES" "$TREE_BYTES" "$REPS" "$SEED" "$ELAPSED" "$HUBSYNC" \
     "$("$HUBSYNC" --version)" "$(unison -version 2>&1 | head -n 1)" "$(rsync --version | head -n 1)" \
     "$(nproc)" "$(df -PT "$W" | awk 'NR == 2 { print $2 }')" "$FAILED" "${BENCH_STRICT:-0}" "$TIMEOUT" \
-    "$FRESH_FS" "$FRESH_FS_WHY" <<'EOF'
+    "$FRESH_FS" "$FRESH_FS_WHY" <<'EOF' || LOCAL_RC=$?
 import csv, json, math, os, statistics, sys
 
 (out, files, tree_bytes, reps, seed, elapsed, exe, v_h, v_u, v_r, cpus, fstype,
@@ -527,3 +585,6 @@ json.dump(res, open(os.path.join(out, "results.json"), "w"), indent=1)
 missed = any(ok is not True for _, ok, _ in targets)
 sys.exit(1 if failed == "1" else (3 if strict == "1" and missed else 0))
 EOF
+drop_work
+trap - EXIT
+ssh_part "$LOCAL_RC"
