@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # hubsync benchmark: one hub and one local peer on a DokuWiki-shaped tree, next to
-# unison and rsync -a on identical copies, with `find` over both trees as the floor.
+# unison and rsync -a on identical copies, with `find` over both trees as the floor;
+# then the same over SSH (scripts/bench-ssh.sh: hubsync with libssh2, with OpenSSH and
+# with an OpenSSH ControlMaster, unison and rsync over ssh to a private sshd on
+# 127.0.0.1, 4 peers against 1, wire bytes, and one big file's throughput).
 #
-# Usage: scripts/bench.sh [--short] [--keep]
+# Usage: scripts/bench.sh [--short] [--keep] [--local-only | --ssh-only]
 #
-#   --short      CI mode (also BENCH_SHORT=1): 5,000 files, 1 timed repetition
-#   --keep       keep the work directory (also BENCH_KEEP=1)
+#   --short      CI mode (also BENCH_SHORT=1): 5,000 files, 1 timed repetition, a
+#                128 MiB big file; a few minutes
+#   --keep       keep the work directories (also BENCH_KEEP=1)
+#   --local-only / --ssh-only   run one part (also BENCH_PARTS=local or ssh)
+#
+# Results: BENCH_OUT/bench.md (both parts, markdown; its path is printed last), and
+# per part summary.txt / ssh/summary.md, results.json, runs.tsv.
 #
 # Environment:
 #   HUBSYNC      hubsync binary (default: `cargo build --release` of this repository)
 #   BENCH_FILES  number of files in the tree (default 100000; 5000 with --short)
-#   BENCH_REPS   timed repetitions per phase (default 3; 1 with --short)
+#   BENCH_REPS   timed repetitions per phase (default 5; 1 with --short)
 #   BENCH_SEED   tree seed (default 42)
-#   BENCH_DIR    where the work directory is made (default /tmp); needs free space
-#                of about 50 KB per file (6 copies of the tree)
+#   BENCH_DIR    where the work directories are made (default /tmp); needs free
+#                space of about 50 KB per file for the local part, 120 KB per file
+#                (and 3 copies of the big file) for the SSH part
 #   BENCH_OUT    where results go (default /tmp/hubsync-bench): summary.txt,
 #                results.json, runs.tsv, the hubsync --json documents
 #   BENCH_TIMEOUT   seconds after which one run is killed and counted as failed
@@ -21,11 +30,17 @@
 #                remaining first-sync runs are skipped and its peer is seeded with
 #                `cp -a` plus one hubsync run (reported as "seeded"), so that the
 #                later phases still measure hubsync.
-#   BENCH_STRICT=1  exit 3 when a target from the issue is missed
+#   BENCH_STRICT=1  exit 3 when a target from the issue is missed (local part)
+#   BENCH_FRESH_FS=0  first syncs into new directories instead of a fresh
+#                loop-mounted ext4 per run (which needs root; without it, or when
+#                loop devices fail, new directories are used and the report says so)
+#   BENCH_BIG_MB, BENCH_SSH_RC: see scripts/bench-ssh.sh --help
 #
 # Phases (each tool has its own hub/peer pair: hub_h/peer_h for hubsync, hub_u/peer_u
 # for unison, hub_r/peer_r for rsync; all start identical):
-#   first     first sync into an empty peer (peer and sync state recreated each time)
+#   first     first sync into an empty peer (peer and sync state recreated each time,
+#             the peer on a fresh file system: scripts/lib/fresh-fs.sh; the hub keeps
+#             its scan cache, only .hubsync/pairs goes)
 #   nochange  a run with nothing to do; `find` over hub+peer, in parallel and one
 #             after the other, is the floor
 #   small     a run after 5 DokuWiki page edits (page, attic revision, .changes,
@@ -38,8 +53,9 @@
 # RSS is GNU time's %M (the process and the children it waited for). hubsync's hub
 # process and its `serve` child are also sampled separately (VmHWM every 10 ms).
 #
-# Exit status: 0 when every run exited 0 and every peer matched its hub; 1 otherwise;
-# 2 usage or set-up errors; 3 with BENCH_STRICT=1 when a target was missed.
+# Exit status: 0 when every run exited 0 and every peer matched its hub (both parts);
+# 1 otherwise; 2 usage or set-up errors; 3 with BENCH_STRICT=1 when a target was
+# missed. Timings alone never fail it.
 
 set -euo pipefail
 
@@ -48,16 +64,19 @@ note() { echo "bench.sh: $*" >&2; }
 
 SHORT=${BENCH_SHORT:-0}
 KEEP=${BENCH_KEEP:-0}
+PARTS=${BENCH_PARTS:-all}
 while [[ $# -gt 0 ]]; do
     case $1 in
         --short) SHORT=1 ;;
         --keep) KEEP=1 ;;
+        --local-only) PARTS=local ;;
+        --ssh-only) PARTS=ssh ;;
         -h | --help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
 done
-[[ $SHORT == 1 ]] && def_files=5000 def_reps=1 || def_files=100000 def_reps=3
+[[ $SHORT == 1 ]] && def_files=5000 def_reps=1 || def_files=100000 def_reps=5
 FILES=${BENCH_FILES:-$def_files}
 REPS=${BENCH_REPS:-$def_reps}
 SEED=${BENCH_SEED:-42}
@@ -68,10 +87,13 @@ BENCH_OUT=${BENCH_OUT:-/tmp/hubsync-bench}
 [[ $REPS =~ ^[0-9]+$ && $REPS -ge 1 ]] || die "BENCH_REPS must be a number >= 1"
 [[ $SEED =~ ^[0-9]+$ ]] || die "BENCH_SEED must be a number"
 [[ $TIMEOUT =~ ^[0-9]+$ && $TIMEOUT -ge 1 ]] || die "BENCH_TIMEOUT must be a number of seconds"
+[[ $PARTS =~ ^(all|local|ssh)$ ]] || die "BENCH_PARTS must be all, local or ssh"
 
 SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$SCRIPTS")
 GEN=$SCRIPTS/gen-tree.py
+# shellcheck source=/dev/null # scripts/lib/fresh-fs.sh
+source "$SCRIPTS/lib/fresh-fs.sh"
 
 # ---- tools -------------------------------------------------------------------------
 missing=()
@@ -99,6 +121,45 @@ else
 fi
 "$HUBSYNC" --version >/dev/null 2>&1 || die "$HUBSYNC --version failed"
 
+# ssh_part LOCAL_RC: runs scripts/bench-ssh.sh, writes BENCH_OUT/bench.md and exits
+# with the worse of the two parts' statuses.
+ssh_part() {
+    local local_rc=$1 ssh_rc=0 md=$BENCH_OUT/bench.md
+    if [[ $PARTS != local ]]; then
+        note "SSH part: scripts/bench-ssh.sh"
+        HUBSYNC=$HUBSYNC BENCH_FILES=$FILES BENCH_REPS=$REPS BENCH_SEED=$SEED BENCH_TIMEOUT=$TIMEOUT \
+            BENCH_DIR=$BENCH_DIR BENCH_SSH_OUT=$BENCH_OUT/ssh BENCH_SHORT=$SHORT BENCH_KEEP=$KEEP \
+            "$SCRIPTS/bench-ssh.sh" || ssh_rc=$?
+    fi
+    {
+        echo "# hubsync benchmark ($(date -u '+%Y-%m-%d %H:%M UTC'), $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+        echo
+        if [[ $PARTS != ssh && -f $BENCH_OUT/summary.txt ]]; then
+            echo "## Local peer (hub and peer on this machine)"
+            echo
+            echo '```'
+            cat "$BENCH_OUT/summary.txt"
+            echo '```'
+            echo
+        fi
+        if [[ $PARTS != local ]]; then
+            if [[ -f $BENCH_OUT/ssh/summary.md ]]; then cat "$BENCH_OUT/ssh/summary.md"; else echo "SSH part: no summary (exit $ssh_rc)"; fi
+        fi
+    } >"$md"
+    note "results: $md"
+    local rc
+    for rc in 2 1 3; do
+        if [[ $local_rc == "$rc" || $ssh_rc == "$rc" ]]; then exit "$rc"; fi
+    done
+    [[ $local_rc == 0 && $ssh_rc == 0 ]] || exit 1
+    exit 0
+}
+if [[ $PARTS == ssh ]]; then
+    mkdir -p "$BENCH_OUT" || die "cannot create $BENCH_OUT"
+    rm -f "$BENCH_OUT"/summary.txt "$BENCH_OUT"/bench.md
+    ssh_part 0
+fi
+
 # ---- work directory ----------------------------------------------------------------
 mkdir -p "$BENCH_DIR" "$BENCH_OUT" || die "cannot create $BENCH_DIR or $BENCH_OUT"
 need=$((FILES * 50 * 1024 + 512 * 1024 * 1024))
@@ -107,139 +168,37 @@ if [[ $avail -lt $need ]]; then
     die "$BENCH_DIR has $((avail >> 20)) MiB free; $FILES files need about $((need >> 20)) MiB (set BENCH_DIR)"
 fi
 W=$(mktemp -d "$BENCH_DIR/hubsync-bench.XXXXXX")
-cleanup() {
-    local rc=$?
+drop_work() {
+    fresh_fs_cleanup
     if [[ $KEEP == 1 ]]; then
         note "kept $W"
     else
         rm -rf -- "$W"
     fi
-    exit $rc
+}
+# shellcheck disable=SC2317 # called by the EXIT trap
+cleanup() {
+    local rc=$?
+    drop_work
+    exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-mkdir -p "$W/logs" "$W/edits"
+mkdir -p "$W/logs" "$W/edits" "$W/fs"
 rm -f "$BENCH_OUT"/runs.tsv "$BENCH_OUT"/hubsync-*.json "$BENCH_OUT"/summary.txt "$BENCH_OUT"/results.json \
-    "$BENCH_OUT"/verify.txt "$BENCH_OUT"/failed-*.log
+    "$BENCH_OUT"/verify.txt "$BENCH_OUT"/failed-*.log "$BENCH_OUT"/bench.md
+fresh_fs_init "$W/fs"
+# Each tool's peer: a new directory in a fresh file system for every first sync.
+declare -A PEER=([h]=$W/peer_h [u]=$W/peer_u [r]=$W/peer_r)
 
 # ---- measurement helper ------------------------------------------------------------
-# measure.py PHASE TOOL REP KIND STDOUT TSV LOG LIMIT -- CMD...: runs CMD under GNU
-# time, samples the VmHWM of every descendant every 10 ms, kills it after LIMIT
-# seconds (exit 124), appends one row to runs.tsv, exits as CMD did.
-cat >"$W/measure.py" <<'EOF'
-import os, signal, subprocess, sys, tempfile, threading, time
-
-phase, tool, rep, kind, out, tsv, log, limit = sys.argv[1:9]
-assert sys.argv[9] == "--"
-cmd = sys.argv[10:]
-limit = float(limit)
-tfile = tempfile.NamedTemporaryFile(prefix="time.", delete=False).name
-peaks = {}   # pid -> [depth, name, hwm_kb]
-done = threading.Event()
-
-def stat(pid):
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        s = f.read()
-    r = s.rindex(b")")
-    return s[s.index(b"(") + 1:r].decode(errors="replace"), int(s[r + 2:].split()[1])
-
-def hwm(pid):
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-def name_of(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        name = os.path.basename(argv[0].decode(errors="replace"))
-        if len(argv) > 1 and argv[1] == b"serve":
-            name += " serve"
-        return name
-    except OSError:
-        return "?"
-
-def poll(root):
-    depth = {root: 0}
-    while not done.is_set():
-        # New descendants have higher pids (no wrap-around in a short run).
-        for e in os.listdir("/proc"):
-            if e.isdigit():
-                pid = int(e)
-                if pid > root and pid not in depth:
-                    try:
-                        _, ppid = stat(pid)
-                    except (OSError, ValueError):
-                        continue
-                    if ppid in depth:
-                        depth[pid] = depth[ppid] + 1
-                        peaks[pid] = [depth[pid], name_of(pid), 0]
-        for pid, p in list(peaks.items()):
-            try:
-                p[2] = max(p[2], hwm(pid))
-                if p[1] in ("time", "bash", "?"):  # seen between fork and exec
-                    p[1] = name_of(pid)
-            except (OSError, ValueError):
-                pass
-        done.wait(0.01)
-
-with open(out, "wb") as so, open(log, "ab") as se:
-    se.write((" ".join(cmd) + "\n").encode())
-    se.flush()
-    t0 = time.monotonic()
-    # Its own session, so that a run over the time limit goes with all its children.
-    p = subprocess.Popen(["/usr/bin/time", "-f", "%e %M", "-o", tfile, "--"] + cmd,
-                         stdout=so, stderr=se, start_new_session=True)
-    th = threading.Thread(target=poll, args=(p.pid,), daemon=True)
-    th.start()
-    killed = []
-    def kill(sig):
-        killed.append(sig)
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
-    timers = [threading.Timer(limit, kill, (signal.SIGTERM,)),
-              threading.Timer(limit + 10, kill, (signal.SIGKILL,))]
-    for t in timers:
-        t.daemon = True
-        t.start()
-    def interrupted(sig, frame):  # ^C or TERM: take the measured command along
-        kill(signal.SIGKILL)
-        os._exit(128 + sig)
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
-    rc = p.wait()  # a blocking wait: wait(timeout=...) polls and rounds the time up
-    wall = time.monotonic() - t0
-    for t in timers:
-        t.cancel()
-    if killed:
-        se.write(f"measure.py: killed after {limit:g} s (BENCH_TIMEOUT)\n".encode())
-        rc = 124
-    done.set()
-    th.join()
-with open(tfile) as f:
-    lines = [l for l in f.read().splitlines() if l.strip()]
-os.unlink(tfile)
-try:
-    e, m = lines[-1].split()
-except (IndexError, ValueError):
-    e, m = "nan", "0"
-main = max((v[2] for v in peaks.values() if v[0] == 1), default=0)
-child = max((v[2] for v in peaks.values() if v[0] >= 2), default=0)
-names = ",".join(sorted({v[1] for v in peaks.values()}))
-with open(tsv, "a") as f:
-    f.write(f"{phase}\t{tool}\t{rep}\t{kind}\t{wall:.4f}\t{e}\t{m}\t{rc}\t{main}\t{child}\t{names}\n")
-sys.exit(rc)
-EOF
-
+# scripts/lib/measure.py runs and samples one command and appends a row to runs.tsv.
 TSV=$BENCH_OUT/runs.tsv
-printf 'phase\ttool\trep\tkind\twall_s\ttime_e\tmaxrss_kb\texit\tmain_hwm_kb\tchild_hwm_kb\tprocs\n' >"$TSV"
+printf 'phase\ttool\trep\tkind\twall_s\ttime_e\tmaxrss_kb\texit\tmain_hwm_kb\tchild_hwm_kb\tprocs\tremote_hwm_kb\tremote_procs\n' >"$TSV"
 FAILED=0
 LAST_RC=0
+LOCAL_RC=0
 
 # measure PHASE TOOL REP KIND STDOUT CMD...
 measure() {
@@ -247,7 +206,7 @@ measure() {
     shift 5
     local log=$W/logs/$phase-$tool-$rep.log rc=0
     sync
-    python3 "$W/measure.py" "$phase" "$tool" "$rep" "$kind" "$out" "$TSV" "$log" "$TIMEOUT" -- "$@" || rc=$?
+    python3 "$SCRIPTS/lib/measure.py" "$phase" "$tool" "$rep" "$kind" "$out" "$TSV" "$log" "$TIMEOUT" -- "$@" || rc=$?
     LAST_RC=$rc
     if [[ $rc -ne 0 ]]; then
         FAILED=1
@@ -257,7 +216,9 @@ measure() {
     fi
 }
 
+# shellcheck disable=SC2016 # expanded by the bash that measure starts
 FIND_PAR='find "$1" -printf "%s %T@\n" >/dev/null & find "$2" -printf "%s %T@\n" >/dev/null & wait'
+# shellcheck disable=SC2016 # expanded by the bash that measure starts
 FIND_SEQ='find "$1" -printf "%s %T@\n" >/dev/null; find "$2" -printf "%s %T@\n" >/dev/null'
 export UNISON=$W/unison-state
 
@@ -268,29 +229,33 @@ run() {
         hubsync)
             if [[ $kind == json ]]; then
                 measure "$phase" "$tool" "$rep" "$kind" "$BENCH_OUT/hubsync-$phase-$rep.json" \
-                    "$HUBSYNC" sync --json "$W/hub_h" "$W/peer_h"
+                    "$HUBSYNC" sync --json "$W/hub_h" "${PEER[h]}"
             else
                 measure "$phase" "$tool" "$rep" "$kind" /dev/null \
-                    "$HUBSYNC" sync -q "$W/hub_h" "$W/peer_h"
+                    "$HUBSYNC" sync -q "$W/hub_h" "${PEER[h]}"
             fi ;;
         unison)
             measure "$phase" "$tool" "$rep" "$kind" /dev/null \
-                unison "$W/hub_u" "$W/peer_u" -batch -times -fastcheck true -auto -ui text -silent ;;
+                unison "$W/hub_u" "${PEER[u]}" -batch -times -fastcheck true -auto -ui text -silent ;;
         rsync)
-            measure "$phase" "$tool" "$rep" "$kind" /dev/null rsync -a "$W/hub_r/" "$W/peer_r/" ;;
+            measure "$phase" "$tool" "$rep" "$kind" /dev/null rsync -a "$W/hub_r/" "${PEER[r]}/" ;;
         find-par)
-            measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c "$FIND_PAR" _ "$W/hub_h" "$W/peer_h" ;;
+            measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c "$FIND_PAR" _ "$W/hub_h" "${PEER[h]}" ;;
         find-seq)
-            measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c "$FIND_SEQ" _ "$W/hub_h" "$W/peer_h" ;;
+            measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c "$FIND_SEQ" _ "$W/hub_h" "${PEER[h]}" ;;
     esac
 }
 
-# reset_first TOOL: an empty peer and no sync state.
+# reset_first TOOL: an empty peer on a fresh file system (scripts/lib/fresh-fs.sh) and
+# no sync state; hubsync's hub keeps its scan cache (as a hub that adds a peer has it).
 reset_first() {
+    local x=${1:0:1}
+    fresh_fs "$W/fs/$x" "$FS_BYTES" "$FS_INODES"
+    PEER[$x]=$W/fs/$x/peer
+    mkdir "${PEER[$x]}"
     case $1 in
-        hubsync) rm -rf "$W/peer_h" "$W/hub_h/.hubsync"; mkdir "$W/peer_h" ;;
-        unison) rm -rf "$W/peer_u" "$UNISON"; mkdir "$W/peer_u" "$UNISON" ;;
-        rsync) rm -rf "$W/peer_r"; mkdir "$W/peer_r" ;;
+        hubsync) rm -rf "$W/hub_h/.hubsync/pairs" ;;
+        unison) rm -rf "$UNISON"; mkdir "$UNISON" ;;
     esac
 }
 
@@ -309,35 +274,7 @@ listing() {
         -o -printf '%y %P %s %T@ %m\n' | LC_ALL=C sort)
 }
 
-# same.py HUB_LISTING PEER_LISTING TOLERANCE_NS: prints how many entries differ (and
-# up to 3 examples on stderr); mtimes may differ by the tolerance (unison keeps mtimes
-# as floating-point seconds, so only to about a microsecond).
-cat >"$W/same.py" <<'EOF'
-import sys
-def load(path):
-    out = {}
-    for line in open(path, encoding="utf-8", errors="surrogateescape"):
-        f = line.rstrip("\n").split(" ")
-        if f[0] == "d":
-            out[" ".join(f[1:])] = ("d",)
-        else:
-            sec, _, frac = f[-2].partition(".")
-            ns = int(sec) * 10**9 + int((frac + "000000000")[:9])
-            out[" ".join(f[1:-3])] = (f[0], f[-3], ns, f[-1])
-    return out
-a, b, tol = load(sys.argv[1]), load(sys.argv[2]), int(sys.argv[3])
-bad = []
-for k in sorted(set(a) | set(b)):
-    x, y = a.get(k), b.get(k)
-    same = x is not None and y is not None and (
-        x == y or (len(x) == 4 and len(y) == 4 and x[0] == y[0] and x[1] == y[1]
-                   and x[3] == y[3] and abs(x[2] - y[2]) <= tol))
-    if not same:
-        bad.append(f"{k}: hub {x} peer {y}")
-for e in bad[:3]:
-    print("    | " + e, file=sys.stderr)
-print(len(bad))
-EOF
+# scripts/lib/same.py compares two listings (unison's mtimes within 2 us).
 
 # verify PHASE [content]: every peer against its hub.
 verify() {
@@ -346,12 +283,12 @@ verify() {
         local x=${pair%%:*} tool=${pair#*:} res=ok n tol=0
         [[ $x == u ]] && tol=2000
         listing "$W/hub_$x" >"$W/logs/list-hub"
-        listing "$W/peer_$x" >"$W/logs/list-peer"
-        n=$(python3 "$W/same.py" "$W/logs/list-hub" "$W/logs/list-peer" $tol)
+        listing "${PEER[$x]}" >"$W/logs/list-peer"
+        n=$(python3 "$SCRIPTS/lib/same.py" "$W/logs/list-hub" "$W/logs/list-peer" $tol)
         if [[ $n -ne 0 ]]; then
             res="$n entries differ (name/size/mtime/mode)"
         fi
-        if [[ $what == content ]] && ! diff -rq --exclude=.hubsync "$W/hub_$x" "$W/peer_$x" >"$W/logs/diff-$x" 2>&1; then
+        if [[ $what == content ]] && ! diff -rq --exclude=.hubsync "$W/hub_$x" "${PEER[$x]}" >"$W/logs/diff-$x" 2>&1; then
             res="$res; content differs in $(wc -l <"$W/logs/diff-$x") paths"
         fi
         printf '%s\t%s\t%s\n' "$phase" "$tool" "$res" >>"$BENCH_OUT/verify.txt"
@@ -369,9 +306,12 @@ python3 "$GEN" tree "$W/hub_r" --files "$FILES" --seed "$SEED" 2>"$W/logs/gen.lo
 cat "$W/logs/gen.log" >&2
 cp -a "$W/hub_r" "$W/hub_h"
 cp -a "$W/hub_r" "$W/hub_u"
-mkdir -p "$W/peer_h" "$W/peer_u" "$W/peer_r" "$UNISON"
+mkdir -p "$UNISON"
 TREE_BYTES=$(du -sb --apparent-size "$W/hub_r" | awk '{print $1}')
+FS_BYTES=$(($(du -sB1 "$W/hub_r" | awk '{print $1}') * 2 + 256 * 1024 * 1024))
+FS_INODES=$((FILES * 3 / 2 + 20000))
 note "tree: $(find "$W/hub_r" -type f | wc -l) files, $((TREE_BYTES / 1000000)) MB; $REPS timed repetition(s) + 1 warm-up per phase"
+note "first syncs into $([[ $FRESH_FS == 1 ]] && echo "a fresh loop-mounted ext4 each" || echo "new directories on $BENCH_DIR ($FRESH_FS_WHY)")"
 
 # ---- phase 1: first sync into an empty peer ----------------------------------------
 H_FIRST_OK=1
@@ -393,8 +333,8 @@ for ((rep = 0; rep <= REPS; rep++)); do
 done
 if [[ $H_FIRST_OK == 0 ]]; then
     note "seeding peer_h with cp -a and one hubsync run, for the later phases"
-    rm -rf "$W/peer_h" "$W/hub_h/.hubsync"
-    cp -a "$W/hub_h" "$W/peer_h"
+    rm -rf "${PEER[h]}" "$W/hub_h/.hubsync"
+    cp -a "$W/hub_h" "${PEER[h]}"
     sleep 3 # past hubsync's 2 s racy-ctime window, as an older copy would be
     run hubsync first seeded json
 fi
@@ -441,11 +381,12 @@ verify small content
 ELAPSED=$(($(date +%s) - started))
 python3 - "$BENCH_OUT" "$FILES" "$TREE_BYTES" "$REPS" "$SEED" "$ELAPSED" "$HUBSYNC" \
     "$("$HUBSYNC" --version)" "$(unison -version 2>&1 | head -n 1)" "$(rsync --version | head -n 1)" \
-    "$(nproc)" "$(df -PT "$W" | awk 'NR == 2 { print $2 }')" "$FAILED" "${BENCH_STRICT:-0}" "$TIMEOUT" <<'EOF'
+    "$(nproc)" "$(df -PT "$W" | awk 'NR == 2 { print $2 }')" "$FAILED" "${BENCH_STRICT:-0}" "$TIMEOUT" \
+    "$FRESH_FS" "$FRESH_FS_WHY" <<'EOF' || LOCAL_RC=$?
 import csv, json, math, os, statistics, sys
 
 (out, files, tree_bytes, reps, seed, elapsed, exe, v_h, v_u, v_r, cpus, fstype,
- failed, strict, limit) = sys.argv[1:]
+ failed, strict, limit, fresh_fs, fresh_why) = sys.argv[1:]
 files, tree_bytes, reps, limit = int(files), int(tree_bytes), int(reps), int(limit)
 rows = list(csv.DictReader(open(os.path.join(out, "runs.tsv")), delimiter="\t"))
 MB = 1024 / 1e6  # KiB -> MB (10^6 bytes)
@@ -515,6 +456,8 @@ p(f"hubsync benchmark: {files} files, {tree_bytes / 1e6:.0f} MB (seed {seed}), {
   f"{reps} timed run(s) per cell after 1 warm-up")
 p(f"  {v_h} ({exe}); {v_u}; {v_r}")
 p("  page cache NOT dropped: all figures are warm-cache medians; `sync` before every run")
+p("  first syncs into " + ("a fresh loop-mounted ext4 each (hubs keep their scan caches)" if fresh_fs == "1"
+                           else f"new directories on {fstype}, not fresh file systems ({fresh_why})"))
 p("  peak MB = GNU time %M (process + waited children, max over timed runs), 10^6 bytes;")
 p("  hub/serve MB = VmHWM of hubsync's hub process / its serve child, sampled every 10 ms")
 p("")
@@ -631,7 +574,7 @@ print(text, end="")
 clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v
 res = {
     "files": files, "tree_bytes": tree_bytes, "reps": reps, "seed": int(seed), "cpus": int(cpus),
-    "filesystem": fstype, "timeout_s": limit, "versions": {"hubsync": v_h, "unison": v_u, "rsync": v_r},
+    "filesystem": fstype, "fresh_fs_per_first_sync": fresh_fs == "1", "timeout_s": limit, "versions": {"hubsync": v_h, "unison": v_u, "rsync": v_r},
     "page_cache": "warm (not dropped); medians of warm runs",
     "stats": {f"{ph}/{t}": {k: clean(v) for k, v in s.items()} for (ph, t), s in stats.items()},
     "ratios": {ph: {k: clean(v) for k, v in rs.items()} for ph, rs in ratios.items()},
@@ -642,3 +585,6 @@ json.dump(res, open(os.path.join(out, "results.json"), "w"), indent=1)
 missed = any(ok is not True for _, ok, _ in targets)
 sys.exit(1 if failed == "1" else (3 if strict == "1" and missed else 0))
 EOF
+drop_work
+trap - EXIT
+ssh_part "$LOCAL_RC"
