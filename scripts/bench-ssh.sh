@@ -10,7 +10,7 @@
 #   ho      hubsync --ssh-command "ssh ..." (OpenSSH), a new connection per run
 #   hc      the same with ControlMaster=auto, ControlPersist (ControlPath in a temp
 #           dir); one warm-up connection opens the master before the runs
-#   unison  unison -batch -times -fastcheck true over ssh (-sshargs, -servercmd)
+#   unison  unison -batch -times -fastcheck true -prefer newer over ssh (-sshargs, -servercmd)
 #   rsync   rsync -a -e "ssh ..."
 #   h2x4    hubsync/libssh2, one hub and 4 peers (all on the same sshd)
 #   find    `find` on the hub in parallel with `find` on the peer through the
@@ -31,6 +31,8 @@
 #             hubsync variant for the wire bytes per peer and direction
 #   small     after 5 page edits and 1 image upload (gen-tree.py edit) applied to
 #             every hub; 1 warm-up, timed runs, then one --json run per variant
+#   both      5 page edits and 1 upload on the hub, 5 others and 1 upload on the peer a
+#             second later; 1 warm-up, timed runs (rsync: -au there, then -au back)
 #   big       one file of random bytes (BENCH_BIG_MB) on a tmpfs (as root) synced up
 #             (hub -> empty peer) and down (peer -> empty hub) with h2 and ho, next
 #             to rsync -e ssh (up) and a plain `ssh cat` pipe (the OpenSSH ceiling)
@@ -282,12 +284,19 @@ run() {
         h2x4) hs h2 "$phase" "$rep" "$kind" h2x4 "$W/hub_m" "$(url "${PEER[m1]}")" "$(url "${PEER[m2]}")" \
             "$(url "${PEER[m3]}")" "$(url "${PEER[m4]}")" ;;
         unison)
-            measure "$phase" "$tool" "$rep" "$kind" /dev/null "$UNISON_BIN" -batch -times -fastcheck true \
+            measure "$phase" "$tool" "$rep" "$kind" /dev/null "$UNISON_BIN" -batch -times -fastcheck true -prefer newer \
                 -auto -ui text -silent -sshargs "$SSH_OPTS" -servercmd "env UNISON=$UNISON_REMOTE $UNISON_BIN" \
                 "$W/hub_unison" "ssh://$SSH_USER@127.0.0.1:$SSH_PORT/${PEER[unison]}" ;;
         rsync)
-            measure "$phase" "$tool" "$rep" "$kind" /dev/null "$RSYNC_BIN" -a --rsync-path="$RSYNC_BIN" \
-                -e "ssh $SSH_OPTS -p $SSH_PORT" "$W/hub_rsync/" "$TARGET:${PEER[rsync]}/" ;;
+            if [[ $phase == both ]]; then
+                # shellcheck disable=SC2016 # expanded by the bash that measure starts
+                measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c '"${@:3}" "$1" "$2" && "${@:3}" "$2" "$1"' \
+                    _ "$W/hub_rsync/" "$TARGET:${PEER[rsync]}/" "$RSYNC_BIN" -au --rsync-path="$RSYNC_BIN" \
+                    -e "ssh $SSH_OPTS -p $SSH_PORT"
+            else
+                measure "$phase" "$tool" "$rep" "$kind" /dev/null "$RSYNC_BIN" -a --rsync-path="$RSYNC_BIN" \
+                    -e "ssh $SSH_OPTS -p $SSH_PORT" "$W/hub_rsync/" "$TARGET:${PEER[rsync]}/"
+            fi ;;
         find)
             cm_up
             # shellcheck disable=SC2016 # expanded by the bash that measure starts
@@ -399,7 +408,35 @@ for tool in "${TOOLS_SM[@]}"; do
     check_tool small "$tool" content
 done
 
-# ---- phase 4: one big file ----------------------------------------------------------
+# ---- phase 4: edits on both sides ----------------------------------------------------
+# DokuWiki edits on the hub and, a second later, others on the peer: each tool carries
+# changes both ways in one run (rsync: -au one way, then -au back, the usual trick).
+TOOLS_BOTH=(h2 ho hc unison rsync)
+both_edit() {
+    local dir=$W/edits/both-$1 peers=() t
+    python3 "$GEN" edit "$W/hub_rsync" "$dir-hub" --round $((2000 + $1)) --seed "$SEED" --mtime-ns "$(date +%s%N)"
+    python3 "$GEN" apply "$dir-hub" "$W/hub_h2" "$W/hub_ho" "$W/hub_hc" "$W/hub_unison" "$W/hub_rsync"
+    for t in "${TOOLS_BOTH[@]}"; do peers+=("${PEER[$t]}"); done
+    python3 "$GEN" edit "$W/hub_rsync" "$dir-peer" --round $((3000 + $1)) --seed "$SEED" \
+        --mtime-ns "$(($(date +%s%N) + 1000000000))"
+    python3 "$GEN" apply "$dir-peer" "${peers[@]}"
+    EDITED=$W/edits/both-$1.list
+    { (cd "$dir-hub" && find . -type f -printf '%P\n') && (cd "$dir-peer" && find . -type f -printf '%P\n'); } |
+        sort -u >"$EDITED"
+}
+for ((rep = 0; rep <= REPS; rep++)); do
+    kind=timed
+    [[ $rep -eq 0 ]] && kind=warm
+    note "edits on both sides, $kind run $rep"
+    both_edit "$rep"
+    for tool in $(rotated "$rep" "${TOOLS_BOTH[@]}"); do
+        run "$tool" both "$rep" "$kind"
+        check_tool both "$tool" "$EDITED"
+    done
+done
+for tool in "${TOOLS_BOTH[@]}"; do check_tool both "$tool" content; done
+
+# ---- phase 5: one big file ----------------------------------------------------------
 BIG=$W/big
 mkdir -p "$BIG"
 BIG_FS=$(df -PT "$BENCH_DIR" | awk 'NR == 2 { print $2 }')

@@ -125,7 +125,9 @@ p("")
 
 PH = [("first", "First sync into an empty peer", ["h2", "ho", "hc", "unison", "rsync"]),
       ("nochange", "No change", ["h2", "ho", "hc", "unison", "rsync", "find", "h2x4"]),
-      ("small", "Small change (5 page edits, 1 image upload)", ["h2", "ho", "hc", "unison", "rsync", "h2x4"])]
+      ("small", "Small change (5 page edits, 1 image upload)", ["h2", "ho", "hc", "unison", "rsync", "h2x4"]),
+      ("both", "Edits on both sides (5 pages + 1 image on each; rsync: -au both ways)",
+       ["h2", "ho", "hc", "unison", "rsync"])]
 spreads = []
 for phase, title, tools in PH:
     p(f"### {title}")
@@ -226,7 +228,8 @@ p("")
 # Ratios and noise
 p("### Ratios and noise")
 p("")
-for phase, name in (("first", "first sync"), ("nochange", "no change"), ("small", "small change")):
+for phase, name in (("first", "first sync"), ("nochange", "no change"), ("small", "small change"),
+                    ("both", "edits on both sides")):
     h = med(phase, "h2")
     parts = [f"{LABEL[t]} {f(ratio(med(phase, t), h), '.2f')}×" for t in ("ho", "hc", "unison", "rsync")]
     p(f"- {name}: relative to hubsync/libssh2: " + ", ".join(parts))
@@ -241,7 +244,7 @@ if spreads:
 ver = [l.rstrip("\n").split("\t") for l in open(os.path.join(out, "verify.txt"))]
 bad = [x for x in ver if x[2] != "ok"]
 p(f"- peers checked against their hubs {len(ver)} times (names, sizes, mtimes [unison: within 2 µs], modes; "
-  "content: cmp of the edited files, diff -r at the end of the first and small phases, cmp of the big file): "
+  "content: cmp of the edited files, diff -r at the end of the first, small and both phases, cmp of the big file): "
   + ("all ok" if not bad else "; ".join(f"{a}/{b}: {c}" for a, b, c in bad[:10])))
 p(f"- SSH part: {meta['elapsed_s']} s; raw runs in {out}/runs.tsv")
 text = "\n".join(L) + "\n"
