@@ -449,6 +449,11 @@ fn a_loser_that_cannot_be_kept_stays_where_it_was() {
         assert_eq!(e.read(1, p), "peer edit", "{p}: the loser is gone\n{said}");
     }
     assert!(said.contains("conflicts"), "{said}");
+    // Nor does the report claim a copy that was never made.
+    assert!(
+        !said.contains("version kept at") && !said.contains("losers kept"),
+        "{said}"
+    );
     // Once there is room, the conflict is settled and the loser kept.
     std::fs::remove_file(e.p(1, ".hubsync/conflicts")).unwrap();
     e.sync_ok(&[]);

@@ -329,8 +329,8 @@ impl Run<'_> {
             plan.items.len(),
             crate::util::memory()
         );
-        self.report_conflicts(&plan);
         if self.s.dry_run {
+            self.report_conflicts(&plan, &Default::default());
             self.count_planned(&plan);
             return Ok(Some(std::sync::Arc::unwrap_or_clone(plan)));
         }
@@ -339,6 +339,7 @@ impl Run<'_> {
             let _ = std::process::Command::new("sh").arg("-c").arg(cmd).status();
         }
         let outcomes = self.execute(&plan);
+        self.report_conflicts(&plan, &outcomes.failed);
         crate::trace!("executed; {}", crate::util::memory());
         self.commit(&plan, &outcomes);
         crate::trace!("committed; {}", crate::util::memory());
@@ -709,8 +710,16 @@ impl Run<'_> {
         refused
     }
 
-    fn report_conflicts(&mut self, plan: &Plan) {
-        for item in plan.conflicts() {
+    /// Reports each conflict with where its losers were kept. A replica whose action
+    /// `failed` still has its own version in place (it was never replaced, or was put
+    /// back): it is no loser this run, its error is reported, and the conflict comes
+    /// back next run.
+    fn report_conflicts(
+        &mut self,
+        plan: &Plan,
+        failed: &std::collections::HashSet<(usize, usize)>,
+    ) {
+        for (ii, item) in plan.items.iter().enumerate() {
             let Reason::Conflict {
                 winner,
                 losers,
@@ -719,8 +728,9 @@ impl Run<'_> {
             else {
                 continue;
             };
-            let losers = losers
+            let losers: Vec<_> = losers
                 .iter()
+                .filter(|l| !failed.contains(&(ii, *l)))
                 .map(|l| {
                     let keeps = item.actions.iter().any(|(r, a)| {
                         r == l && matches!(a, Action::KeepAndReplace | Action::KeepAndRemove)
@@ -738,6 +748,9 @@ impl Run<'_> {
                     (rep.conn.label.clone(), kept)
                 })
                 .collect();
+            if losers.is_empty() {
+                continue;
+            }
             self.report.conflicts.push(ConflictReport {
                 path: item.path.to_string(),
                 winner: self.reps[*winner].conn.label.clone(),
