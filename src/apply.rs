@@ -53,6 +53,8 @@ pub struct Root {
     /// Names the conflict copy of something that changed in the instant between our
     /// check and our rename (so it is kept, not lost).
     pub fallback_suffix: String,
+    /// Every losing version kept this session: (its path, where its copy is).
+    pub kept: Vec<(RelPath, PathBuf)>,
 }
 
 /// A file being received. It holds no directory descriptor (thousands may wait
@@ -108,6 +110,7 @@ impl Root {
             cached_dir: None,
             as_root: rustix::process::geteuid().is_root(),
             fallback_suffix: format!("{}-changed-during-sync", conflict_time(Mtime::now())),
+            kept: Vec::new(),
         })
     }
 
@@ -388,7 +391,9 @@ impl Root {
                     match (keep, &aside) {
                         // Kept already (what was linked is what was swapped out).
                         (Some(_), Some(a)) if a.ino == old.st_ino => {
-                            rustix::fs::unlinkat(dir, temp, AtFlags::empty())?
+                            rustix::fs::unlinkat(dir, temp, AtFlags::empty())?;
+                            self.kept
+                                .push((path.clone(), self.conflict_path(path, &a.name)));
                         }
                         // Replaced in between, or the link was impossible: keep it too.
                         (Some(suffix), _) => {
@@ -416,8 +421,13 @@ impl Root {
                     )));
                 }
                 let r = rustix::fs::renameat(dir, temp, dir, name);
-                if r.is_err() {
-                    drop_aside(&aside);
+                match (&r, &aside) {
+                    (Err(_), _) => drop_aside(&aside),
+                    (Ok(()), Some(a)) => {
+                        self.kept
+                            .push((path.clone(), self.conflict_path(path, &a.name)));
+                    }
+                    (Ok(()), None) => {}
                 }
                 Ok(r?)
             }
@@ -559,6 +569,119 @@ impl Root {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// Makes the directory `rel` and its missing parents, each owned and permitted
+    /// like its parent, so that the application can write where we created.
+    fn make_dirs(&mut self, rel: &RelPath) -> Result<(), OpError> {
+        let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+        let mut fd = rustix::fs::openat(&self.fd, ".", flags, Mode::empty())?;
+        for comp in rel.components() {
+            let next = match rustix::fs::openat(&fd, comp, flags, Mode::empty()) {
+                Err(rustix::io::Errno::NOENT) => {
+                    let up = rustix::fs::fstat(&fd)?;
+                    let mode = Mode::from_raw_mode(up.st_mode & 0o7777);
+                    match rustix::fs::mkdirat(&fd, comp, mode) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    let next = rustix::fs::openat(&fd, comp, flags, Mode::empty())?;
+                    if self.as_root {
+                        rustix::fs::fchown(
+                            &next,
+                            Some(rustix::fs::Uid::from_raw(up.st_uid)),
+                            Some(rustix::fs::Gid::from_raw(up.st_gid)),
+                        )?;
+                    }
+                    rustix::fs::fchmod(&next, mode)?;
+                    next
+                }
+                Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                    return Err(OpError::Refused(format!(
+                        "{rel}: a component is a symlink or not a directory; refusing to follow it"
+                    )));
+                }
+                r => r?,
+            };
+            fd = next;
+        }
+        self.forget_dirs();
+        Ok(())
+    }
+
+    /// Writes `bytes` as the new file `path`, where nothing may be (an existing
+    /// file is never replaced), owned and permitted like `like`, with `mtime`. It
+    /// appears under its name whole and synced, or not at all.
+    pub fn create_file(
+        &mut self,
+        path: &RelPath,
+        bytes: &[u8],
+        like: &Stat,
+        mtime: Mtime,
+    ) -> Result<(), OpError> {
+        if let Some(parent) = path.parent() {
+            self.make_dirs(&parent)?;
+        }
+        let dir = self.parent_fd(path)?;
+        let (mut file, temp) = create_temp(&dir)?;
+        let r = (|| {
+            file.write_all(bytes).map_err(io_err)?;
+            self.set_owner_like(file.as_fd(), like)?;
+            rustix::fs::fchmod(&file, Mode::from_raw_mode(like.st_mode & 0o7777))?;
+            rustix::fs::futimens(&file, &times(mtime))?;
+            file.sync_all().map_err(io_err)?;
+            rename_noreplace(&dir, &temp, path.file_name())
+        })();
+        if r.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
+        }
+        r
+    }
+
+    /// Replaces the regular file `path` with `bytes`, keeping its owner and
+    /// permissions, only while it is still `was` (same inode, size and mtime).
+    /// Callers replace a file only with content that contains all of the old.
+    pub fn rewrite_file(
+        &mut self,
+        path: &RelPath,
+        bytes: &[u8],
+        was: &Stat,
+    ) -> Result<(), OpError> {
+        let dir = self.parent_fd(path)?;
+        let (mut file, temp) = create_temp(&dir)?;
+        let r = (|| {
+            file.write_all(bytes).map_err(io_err)?;
+            self.set_owner_like(file.as_fd(), was)?;
+            rustix::fs::fchmod(&file, Mode::from_raw_mode(was.st_mode & 0o7777))?;
+            file.sync_all().map_err(io_err)?;
+            let now = rustix::fs::statat(&dir, path.file_name(), AtFlags::SYMLINK_NOFOLLOW)?;
+            let same = (now.st_ino, now.st_size, now.st_mtime, now.st_mtime_nsec)
+                == (was.st_ino, was.st_size, was.st_mtime, was.st_mtime_nsec);
+            if !same {
+                return Err(OpError::Changed);
+            }
+            Ok(rustix::fs::renameat(
+                &dir,
+                temp.as_str(),
+                &dir,
+                path.file_name(),
+            )?)
+        })();
+        if r.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
+        }
+        r
+    }
+
+    fn set_owner_like(&self, fd: BorrowedFd<'_>, like: &Stat) -> Result<(), OpError> {
+        if self.as_root {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(like.st_uid)),
+                Some(rustix::fs::Gid::from_raw(like.st_gid)),
+            )?;
+        }
+        Ok(())
     }
 
     /// Removes the regular file `path` if there is one (derived data, like a
@@ -779,6 +902,15 @@ impl Root {
         Ok(fd)
     }
 
+    /// Where the conflict copy `name` of `path` is.
+    fn conflict_path(&self, path: &RelPath, name: &str) -> PathBuf {
+        let rel = path
+            .parent()
+            .map(|p| p.as_path().join(name))
+            .unwrap_or_else(|| name.into());
+        self.state_dir.join("conflicts").join(rel)
+    }
+
     /// Moves the entry `from` (in `dir`) to
     /// `.hubsync/conflicts/<path>.conflict-<suffix>`, never over an existing copy.
     /// Returns where it went.
@@ -791,12 +923,10 @@ impl Root {
     ) -> Result<PathBuf, OpError> {
         let cdir = self.conflicts_dir(path)?;
         let base = String::from_utf8_lossy(path.file_name()).into_owned();
-        let where_ = |name: &str| {
-            let rel = path
-                .parent()
-                .map(|p| p.as_path().join(name))
-                .unwrap_or_else(|| name.into());
-            self.state_dir.join("conflicts").join(rel)
+        let mut where_ = |name: &str| {
+            let at = self.conflict_path(path, name);
+            self.kept.push((path.clone(), at.clone()));
+            at
         };
         for n in 1..1000 {
             let name = if n == 1 {

@@ -378,6 +378,7 @@ impl Server {
         }
         if !s.dry_run && !s.applied.is_empty() {
             s.invalidate();
+            s.losers_into_history(out);
             if let Some(cmd) = s.post_apply.clone()
                 && let Err(e) = s.run_post_apply(&cmd, &self.root)
             {
@@ -1062,6 +1063,99 @@ impl Session {
                 rule.when.as_str()
             );
         }
+    }
+
+    /// Adds the conflict losers that `after_install` rules name to the application's
+    /// history (an old revision and its log line), where the application did not
+    /// record them itself: a version edited outside it is then not only a copy in
+    /// `.hubsync/conflicts/`, which stays in any case.
+    fn losers_into_history(&mut self, out: &mut dyn FnMut(Response)) {
+        let kept = std::mem::take(&mut self.root.kept);
+        for (path, copy) in kept {
+            for k in 0..self.after_install.len() {
+                let rule = &self.after_install[k];
+                let (Some(l), Some(id)) = (rule.loser.clone(), rule.when.capture(&path)) else {
+                    continue;
+                };
+                match self.loser_into_history(&l, id, &copy) {
+                    Ok(Some(at)) => crate::trace!("serve: {path}: its loser is now {at}"),
+                    Ok(None) => {}
+                    Err(e) => out(Response::Warning(format!(
+                        "{path}: its losing version is kept at {} but could not be added to the history: {e}",
+                        copy.display()
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Writes the loser kept at `copy` as `l`'s revision of `id` and inserts its log
+    /// line; `None` where there is nothing to do: the revision exists (the
+    /// application saved it), there is no log, or the loser is not older than the
+    /// log's last entry (which names the current version, and must stay last).
+    fn loser_into_history(
+        &mut self,
+        l: &crate::rules::LoserRevision,
+        id: &[u8],
+        copy: &Path,
+    ) -> Result<Option<RelPath>, OpError> {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        const MAX: u64 = 64 << 20;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(copy)
+            .map_err(|e| OpError::Io(e.to_string()))?;
+        let st = rustix::fs::fstat(&f)?;
+        let regular = rustix::fs::FileType::from_raw_mode(st.st_mode).is_file();
+        let (Some(at), Some(log_path)) = (l.revision(id, st.st_mtime), l.changelog.fill(id)) else {
+            return Ok(None);
+        };
+        if !regular || st.st_size as u64 > MAX || self.root.lstat(&at)?.is_some() {
+            return Ok(None);
+        }
+        // No lock directory: no application there to take its lock.
+        let _lock = match &l.lock_dir {
+            Some(dir) if self.root.lstat(dir)?.is_some() => {
+                let lock = crate::proto::IoLock {
+                    dir: dir.clone(),
+                    of: log_path.clone(),
+                };
+                Some(self.root.io_lock(&lock).ok_or_else(|| {
+                    OpError::Io(format!("the application's lock on {log_path} stayed taken"))
+                })?)
+            }
+            _ => None,
+        };
+        let mut log_file = match self.root.open_read(&log_path) {
+            Ok(f) => f,
+            Err(OpError::SourceChanged) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let was = rustix::fs::fstat(&log_file)?;
+        let mut log = Vec::new();
+        (&mut log_file)
+            .take(MAX)
+            .read_to_end(&mut log)
+            .map_err(|e| OpError::Io(format!("cannot read {log_path}: {e}")))?;
+        let Some(new_log) = crate::rules::insert_by_leading_number(&log, &l.line(id, st.st_mtime))
+        else {
+            return Ok(None);
+        };
+        let mut text = Vec::with_capacity(st.st_size as usize);
+        f.read_to_end(&mut text)
+            .map_err(|e| OpError::Io(format!("cannot read {}: {e}", copy.display())))?;
+        if l.compressed() {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            let _ = gz.write_all(&text);
+            text = gz.finish().map_err(|e| OpError::Io(e.to_string()))?;
+        }
+        let mtime = Mtime::new(st.st_mtime, st.st_mtime_nsec as u32);
+        // The revision first: a log line must never name a revision that is not there.
+        self.root.create_file(&at, &text, &st, mtime)?;
+        self.root.rewrite_file(&log_path, &new_log, &was)?;
+        Ok(Some(at))
     }
 
     /// Runs the `post_apply` command in the root with the changed paths on stdin,

@@ -707,6 +707,84 @@ fn the_dokuwiki_profile_lets_the_changelog_decide() {
     assert_eq!(again["plan"].as_array().map(Vec::len), Some(0), "{again}");
 }
 
+/// The DokuWiki profile: a page edited outside DokuWiki (no attic copy, no changelog
+/// line) that loses a conflict becomes an old revision in every server's history,
+/// unless it is newer than the current revision; its conflict copy stays either way.
+#[test]
+fn an_external_edit_that_loses_becomes_a_revision() {
+    use std::io::Read as _;
+    let e = Env::new(2);
+    let t = now() - 600;
+    let created = |id: &str| format!("{t}\t1.2.3.4\tC\t{id}\talice\tcreated\t\n");
+    for i in 0..2 {
+        for id in ["p", "q"] {
+            e.write(
+                i,
+                &format!("meta/ns/{id}.changes"),
+                &created(&format!("ns:{id}")),
+                t,
+            );
+            e.write(i, &format!("pages/ns/{id}.txt"), "v1", t);
+        }
+        e.write(i, "attic/ns/p.1.txt.gz", "an old revision", t);
+    }
+    e.sync_ok(&["--profile", "dokuwiki"]);
+    // On r0 alice saves both pages at t+20 (page, attic, changelog line). On r1 both
+    // were edited outside DokuWiki: p before alice's save, q after it.
+    let (ext_p, save, ext_q) = (t + 10, t + 20, t + 30);
+    for id in ["p", "q"] {
+        e.write(0, &format!("pages/ns/{id}.txt"), "alice's text", save);
+        e.write(0, &format!("attic/ns/{id}.{save}.txt.gz"), "gz", save);
+        let line = format!("{save}\t1.2.3.4\tE\tns:{id}\talice\tsaved\t\n");
+        e.write(
+            0,
+            &format!("meta/ns/{id}.changes"),
+            &(created(&format!("ns:{id}")) + &line),
+            save,
+        );
+    }
+    e.write(1, "pages/ns/p.txt", "edited on disk", ext_p);
+    e.write(1, "pages/ns/q.txt", "edited on disk later", ext_q);
+    // r1 is a DokuWiki with its lock directory: the changelog is rewritten holding
+    // DokuWiki's lock on it, which is released after.
+    std::fs::create_dir(e.p(1, "locks")).unwrap();
+    let r = e.sync_ok(&["--profile", "dokuwiki"]);
+    assert!(!r.stderr().contains("warning"), "{}", r.stderr());
+    assert_eq!(std::fs::read_dir(e.p(1, "locks")).unwrap().count(), 0);
+    e.sync_ok(&["--profile", "dokuwiki"]);
+    let again = e
+        .sync_ok(&["--profile", "dokuwiki", "--dry-run", "--json"])
+        .json();
+    assert_eq!(again["plan"].as_array().map(Vec::len), Some(0), "{again}");
+    for i in 0..2 {
+        assert_eq!(e.read(i, "pages/ns/p.txt"), "alice's text");
+        // p's external edit is a revision between the creation and alice's save.
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(
+            std::fs::File::open(e.p(i, &format!("attic/ns/p.{ext_p}.txt.gz"))).unwrap(),
+        )
+        .read_to_string(&mut text)
+        .unwrap();
+        assert_eq!(text, "edited on disk", "r{i}");
+        let log = e.read(i, "meta/ns/p.changes");
+        let dates: Vec<&str> = log.lines().map(|l| l.split('\t').next().unwrap()).collect();
+        assert_eq!(
+            dates,
+            [t.to_string(), ext_p.to_string(), save.to_string()],
+            "r{i}: {log}"
+        );
+        assert!(
+            log.contains(&format!("{ext_p}\t127.0.0.1\tE\tns:p\t\texternal edit\t")),
+            "{log}"
+        );
+        // q's was newer than the current revision: only its conflict copy has it.
+        assert!(!e.exists(i, &format!("attic/ns/q.{ext_q}.txt.gz")), "r{i}");
+        assert_eq!(e.read(i, "meta/ns/q.changes").lines().count(), 2, "r{i}");
+    }
+    let kept = find(&e.p(1, ".hubsync/conflicts"), ".txt.conflict-");
+    assert_eq!(kept.len(), 2, "{}", e.dump());
+}
+
 #[test]
 fn an_unknown_profile_is_refused_with_the_known_ones() {
     let e = Env::new(2);

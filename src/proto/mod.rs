@@ -19,7 +19,7 @@ pub use msg::*;
 use std::io::{self, BufRead, Read, Write};
 
 /// The protocol version this build speaks. Bump on any change to the messages.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 const GREETING_PREFIX: &str = "hubsync-protocol ";
 /// The largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 8 << 20;

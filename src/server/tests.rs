@@ -225,6 +225,7 @@ fn installing_a_page_removes_caches_made_since_its_revision_and_runs_post_apply(
         when: "pages/{id}.txt".into(),
         remove: vec!["meta/{id}.indexed".into()],
         remove_newer: vec!["cache/**".into()],
+        ..Default::default()
     };
     let mut r = Replica::new(
         vec![rule],
