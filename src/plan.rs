@@ -228,8 +228,39 @@ pub struct Item {
     /// the hub and on that peer have succeeded.
     pub agree: Replicas,
     /// For a merge: the versions whose lines make the result, and where they are.
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    pub merge: Box<[(usize, Version)]>,
+    #[serde(skip_serializing_if = "MergeInputs::is_empty")]
+    pub merge: MergeInputs,
+}
+
+/// The inputs of a merge. Hardly any item has some, and a first sync plans an item
+/// per file: one pointer, not a slice's two.
+#[derive(Clone, Debug, Default)]
+#[allow(clippy::box_collection)] // the Box is the point: a thin pointer
+pub struct MergeInputs(Option<Box<Vec<(usize, Version)>>>);
+
+impl MergeInputs {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl From<Vec<(usize, Version)>> for MergeInputs {
+    fn from(v: Vec<(usize, Version)>) -> Self {
+        MergeInputs((!v.is_empty()).then(|| Box::new(v)))
+    }
+}
+
+impl std::ops::Deref for MergeInputs {
+    type Target = [(usize, Version)];
+    fn deref(&self) -> &Self::Target {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl Serialize for MergeInputs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
 }
 
 /// Everything one run would do.

@@ -406,19 +406,29 @@ impl Run<'_> {
         for m in &mut ex.merges {
             m.rank = m.dests.first().map_or(1, |&d| ex.tasks[d].rank);
         }
-        // Rank first; then a group's members together, leader last; else path order.
-        let key = |q: &Queued| {
-            let t = q.first_task as usize;
-            let path = &plan.items[q.item as usize].path;
-            let (anchor, pos) = match self.s.bundles.iter().find_map(|b| b.together_with(path)) {
-                Some((leader, pos)) => (leader, pos as u32),
-                None => (path.clone(), u32::MAX),
+        // Rank first; then a group's members together, leader last; else path order,
+        // which the queue is in already (the plan's). Without bundles a stable sort
+        // by rank is all it takes, in place: a first sync queues every file.
+        let mut queue = std::mem::take(&mut ex.queue);
+        let rank = |q: &Queued| ex.tasks[q.first_task as usize].rank;
+        if self.s.bundles.is_empty() {
+            queue.make_contiguous().sort_by_key(rank);
+        } else {
+            use std::borrow::Cow;
+            let key = |q: &Queued| {
+                let path = &plan.items[q.item as usize].path;
+                let (anchor, pos) = match self.s.bundles.iter().find_map(|b| b.together_with(path))
+                {
+                    Some((leader, pos)) => (Cow::Owned(leader), pos as u32),
+                    None => (Cow::Borrowed(path), u32::MAX),
+                };
+                (rank(q), anchor, pos)
             };
-            (ex.tasks[t].rank, anchor, pos)
-        };
-        let mut queue: Vec<(_, Queued)> = ex.queue.drain(..).map(|q| (key(&q), q)).collect();
-        queue.sort_by(|a, b| a.0.cmp(&b.0));
-        ex.queue = queue.into_iter().map(|(_, q)| q).collect();
+            let mut keyed: Vec<(_, Queued)> = queue.drain(..).map(|q| (key(&q), q)).collect();
+            keyed.sort_by(|a, b| a.0.cmp(&b.0));
+            queue.extend(keyed.into_iter().map(|(_, q)| q));
+        }
+        ex.queue = queue;
     }
 
     /// Starts the merges whose rank is open.

@@ -343,7 +343,10 @@ impl Run<'_> {
         crate::trace!("executed; {}", crate::util::memory());
         self.commit(&plan, &outcomes);
         crate::trace!("committed; {}", crate::util::memory());
-        Ok(Some(std::sync::Arc::unwrap_or_clone(plan)))
+        // The plan is about as big as the hub's scan: gone before the hub's own
+        // replica saves its scan cache, unless the output shows it.
+        let shown = self.s.json || self.s.verbosity == crate::report::Verbosity::Verbose;
+        Ok(shown.then(|| std::sync::Arc::unwrap_or_clone(plan)))
     }
 
     /// Opens every replica and scans them all at once.
