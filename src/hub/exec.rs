@@ -33,8 +33,9 @@ const COMMIT_CHUNK: usize = 4096;
 const COMMIT_QUEUED: u64 = 1 << 20;
 
 struct Task {
-    item: usize,
-    replica: usize,
+    /// Small fields (see `item()`, `replica()`): a first sync has a task per file.
+    item: u32,
+    replica: u8,
     action: Action,
     phase: u8,
     /// Install order (see `Run::rank_of`); a grouped file takes its leader's.
@@ -46,6 +47,16 @@ struct Task {
     /// Counted in the replica's `pending` (it owes us an answer for it).
     counted: bool,
     outcome: Outcome,
+}
+
+impl Task {
+    fn item(&self) -> usize {
+        self.item as usize
+    }
+
+    fn replica(&self) -> usize {
+        usize::from(self.replica)
+    }
 }
 
 /// How a task ended; the errors live in `Exec::errors` (tasks are many and mostly
@@ -83,7 +94,7 @@ impl Exec {
     fn queued_dests(&self, q: Queued) -> smallvec::SmallVec<[usize; 2]> {
         let item = q.item as usize;
         (q.first_task as usize..self.tasks.len())
-            .take_while(|&t| self.tasks[t].item == item)
+            .take_while(|&t| self.tasks[t].item() == item)
             .filter(|&t| self.tasks[t].put_file)
             .collect()
     }
@@ -215,8 +226,10 @@ impl Run<'_> {
                 }
                 ex.remaining += 1;
                 ex.tasks.push(Task {
-                    item: ii,
-                    replica: r,
+                    // Both fit: items are counted like `Queued`'s, and replicas are
+                    // fewer than MAX_REPLICAS (64), which the settings enforce.
+                    item: ii as u32,
+                    replica: r as u8,
                     action,
                     phase,
                     rank: 1,
@@ -277,7 +290,7 @@ impl Run<'_> {
             .collect();
         order.sort_by(|&a, &b| {
             let (x, y) = (&ex.tasks[a], &ex.tasks[b]);
-            let (px, py) = (&plan.items[x.item].path, &plan.items[y.item].path);
+            let (px, py) = (&plan.items[x.item()].path, &plan.items[y.item()].path);
             x.phase.cmp(&y.phase).then_with(|| {
                 if x.phase == 0 || x.phase == 3 {
                     py.cmp(px)
@@ -288,7 +301,7 @@ impl Run<'_> {
         });
         for t in order {
             if ex.tasks[t].phase == 3 {
-                ex.later[ex.tasks[t].replica].push(t);
+                ex.later[ex.tasks[t].replica()].push(t);
             } else {
                 self.send_task(&mut ex, t);
             }
@@ -319,7 +332,7 @@ impl Run<'_> {
         let outcomes = Outcomes {
             failed: (ex.tasks.iter())
                 .filter(|t| t.outcome != Outcome::Ok)
-                .map(|t| (t.item, t.replica))
+                .map(|t| (t.item(), t.replica()))
                 .collect(),
             merged: ex.merged.clone(),
         };
@@ -342,7 +355,7 @@ impl Run<'_> {
         let mut locks: HashMap<RelPath, Option<crate::proto::IoLock>> = HashMap::new();
         for t in 0..ex.tasks.len() {
             let task = &ex.tasks[t];
-            let item = &plan.items[task.item];
+            let item = &plan.items[task.item()];
             // A file installed with its leader takes the leader's rank (a group
             // never waits for a rank that waits for it).
             let anchor = self
@@ -372,7 +385,7 @@ impl Run<'_> {
                         })
                     });
                     members
-                        .entry((task.replica, leader))
+                        .entry((task.replica(), leader))
                         .or_default()
                         .push((t, pos as u32));
                     break;
@@ -544,7 +557,7 @@ impl Run<'_> {
                 continue;
             }
             self.send_task(ex, d);
-            let (r, id) = (ex.tasks[d].replica, ex.tasks[d].id);
+            let (r, id) = (ex.tasks[d].replica(), ex.tasks[d].id);
             for chunk in bytes.chunks(CHUNK) {
                 self.reps[r].conn.send(Request::Data {
                     id,
@@ -601,16 +614,20 @@ impl Run<'_> {
     /// The operation a task sends: built when it is sent, from its plan item.
     fn op_for(&self, ex: &Exec, t: usize) -> Op {
         let task = &ex.tasks[t];
-        let item = &ex.plan.items[task.item];
+        let item = &ex.plan.items[task.item()];
         let path = item.path.clone();
         let keep = matches!(task.action, Action::KeepAndReplace | Action::KeepAndRemove)
-            .then(|| self.keep_suffix(task.replica));
+            .then(|| self.keep_suffix(task.replica()));
         let expect = if task.action == Action::Create {
             Expect::Absent
         } else {
             Expect::Scanned
         };
-        let version = ex.merged.get(&task.item).or(item.result.as_ref()).cloned();
+        let version = ex
+            .merged
+            .get(&task.item())
+            .or(item.result.as_ref())
+            .cloned();
         let group = ex
             .task_group
             .get(&t)
@@ -651,7 +668,7 @@ impl Run<'_> {
         let task = &mut ex.tasks[t];
         debug_assert!(!task.sent, "sent once");
         task.sent = true;
-        let rep = &mut self.reps[task.replica];
+        let rep = &mut self.reps[task.replica()];
         let grouped = ex.task_group.contains_key(&t);
         // A file being received owes us nothing until we have sent all of it, nor
         // a group member until its whole group was sent.
@@ -661,7 +678,7 @@ impl Run<'_> {
             rep.pending += 1;
         }
         rep.conn.send(Request::Op { id: task.id, op });
-        ex.by_id.insert((task.replica, task.id), Waiting::Task(t));
+        ex.by_id.insert((task.replica(), task.id), Waiting::Task(t));
         if whole {
             resolve_member(ex, t, true);
         }
@@ -673,7 +690,7 @@ impl Run<'_> {
         // Counted, a destination that never answers is noticed and dropped.
         if !ex.task_group.contains_key(&t) && !ex.tasks[t].counted {
             ex.tasks[t].counted = true;
-            self.reps[ex.tasks[t].replica].pending += 1;
+            self.reps[ex.tasks[t].replica()].pending += 1;
         }
         resolve_member(ex, t, true);
     }
@@ -712,7 +729,7 @@ impl Run<'_> {
                 }
             }
             for t in 0..ex.tasks.len() {
-                let r = ex.tasks[t].replica;
+                let r = ex.tasks[t].replica();
                 if ex.tasks[t].outcome == Outcome::Pending && !self.reps[r].conn.alive {
                     let why = self.reps[r]
                         .conn
@@ -880,7 +897,7 @@ impl Run<'_> {
         for d in ex.transfers[tr].dests.clone() {
             if ex.tasks[d].outcome == Outcome::Pending {
                 let task = &ex.tasks[d];
-                self.reps[task.replica]
+                self.reps[task.replica()]
                     .conn
                     .send(Request::End { id: task.id });
                 self.owe_answer(ex, d);
@@ -895,7 +912,7 @@ impl Run<'_> {
         mark_done(ex, tr);
         for d in ex.transfers[tr].dests.clone() {
             if ex.tasks[d].outcome == Outcome::Pending {
-                let (r, id) = (ex.tasks[d].replica, ex.tasks[d].id);
+                let (r, id) = (ex.tasks[d].replica(), ex.tasks[d].id);
                 // The destination drops its temp file; we do not wait for it.
                 self.reps[r].conn.send(Request::Abort { id });
                 ex.by_id.remove(&(r, id));
@@ -982,8 +999,8 @@ impl Run<'_> {
                             if let Some(bar) = &ex.progress {
                                 bar.inc(data.len() as u64);
                             }
-                            self.reps[task.replica].queued += data.len() as u64;
-                            self.reps[task.replica].conn.send(Request::Data {
+                            self.reps[task.replica()].queued += data.len() as u64;
+                            self.reps[task.replica()].conn.send(Request::Data {
                                 id: task.id,
                                 bytes: data,
                             });
@@ -1013,9 +1030,9 @@ impl Run<'_> {
     /// Fills the report from the outcome of every task.
     fn record(&mut self, plan: &Plan, ex: &Exec) {
         for t in &ex.tasks {
-            let item = &plan.items[t.item];
-            let label = &self.reps[t.replica].conn.label;
-            let alive = self.reps[t.replica].conn.alive;
+            let item = &plan.items[t.item()];
+            let label = &self.reps[t.replica()].conn.label;
+            let alive = self.reps[t.replica()].conn.alive;
             let outcome = match t.outcome {
                 Outcome::Pending => None,
                 Outcome::Ok => Some(Ok(())),
@@ -1024,7 +1041,7 @@ impl Run<'_> {
             match outcome {
                 Some(Ok(())) => {
                     let size = item.result.as_ref().map_or(0, |v| v.size());
-                    let rep = &mut self.reps[t.replica];
+                    let rep = &mut self.reps[t.replica()];
                     match t.action {
                         Action::Remove | Action::KeepAndRemove => rep.report.removed += 1,
                         Action::SetMeta => rep.report.metadata += 1,
@@ -1043,7 +1060,7 @@ impl Run<'_> {
                     }
                     if self.report.keep_actions {
                         self.report.actions.push(crate::report::Done {
-                            replica: t.replica,
+                            replica: t.replica(),
                             action: t.action,
                             path: item.path.clone(),
                         });
@@ -1051,7 +1068,7 @@ impl Run<'_> {
                 }
                 Some(Err(e @ (&OpError::Changed | &OpError::SourceChanged))) => {
                     let line = format!("{label}: {}: {e}", item.path);
-                    self.reps[t.replica].report.deferred += 1;
+                    self.reps[t.replica()].report.deferred += 1;
                     self.report.warnings.push(line);
                 }
                 // What a failed source could not send is that source's failure,
@@ -1059,13 +1076,13 @@ impl Run<'_> {
                 // path syncs on the next run.
                 Some(Err(e)) if alive && item.source.is_some_and(|s| !self.reps[s].conn.alive) => {
                     let line = format!("{label}: {}: {e}; it syncs next run", item.path);
-                    self.reps[t.replica].report.deferred += 1;
+                    self.reps[t.replica()].report.deferred += 1;
                     self.report.warnings.push(line);
                 }
                 // A replica that failed as a whole is reported once, not per path.
                 Some(Err(e)) if alive => {
                     let line = format!("{label}: {}: {e}", item.path);
-                    self.reps[t.replica].report.failed_actions += 1;
+                    self.reps[t.replica()].report.failed_actions += 1;
                     self.report.errors.push(line);
                 }
                 Some(Err(_)) => {}
@@ -1366,7 +1383,7 @@ fn finish_task(ex: &mut Exec, t: usize, result: Result<(), OpError>) {
     }
     ex.remaining -= 1;
     if task.phase < 3 {
-        ex.earlier_left[task.replica] -= 1;
+        ex.earlier_left[task.replica()] -= 1;
     }
     resolve_member(ex, t, outcome == Outcome::Ok);
 }
