@@ -14,7 +14,8 @@
 #   rsync   rsync -a -e "ssh ..."
 #   h2x4    hubsync/libssh2, one hub and 4 peers (all on the same sshd)
 #   find    `find` on the hub in parallel with `find` on the peer through the
-#           ControlMaster: the floor of a no-change run
+#           ControlMaster: the floor of a no-change run without connecting
+#   findssh the same over a new SSH connection: the floor as issue 3 defines it
 # The remote side of hubsync is `$HUBSYNC serve` (--remote-command). Every ssh uses
 # -F /dev/null and the defaults (cipher, no compression) of its client.
 #
@@ -303,6 +304,12 @@ run() {
             measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c \
                 'find "$1" -printf "%s %T@\n" >/dev/null & "${@:3}" & wait' _ "$W/hub_h2" "${PEER[h2]}" \
                 "${CM_ARGV[@]}" "$TARGET" "$FIND_BIN $(printf %q "${PEER[h2]}") -printf '%s %T@\n' >/dev/null" ;;
+        findssh)
+            # The floor as issue 3 defines it: one new SSH connection included.
+            # shellcheck disable=SC2016 # expanded by the bash that measure starts
+            measure "$phase" "$tool" "$rep" "$kind" /dev/null bash -c \
+                'find "$1" -printf "%s %T@\n" >/dev/null & "${@:3}" & wait' _ "$W/hub_h2" "${PEER[h2]}" \
+                "${SSH_ARGV[@]}" "$TARGET" "$FIND_BIN $(printf %q "${PEER[h2]}") -printf '%s %T@\n' >/dev/null" ;;
     esac
 }
 
@@ -366,7 +373,7 @@ measure first-syncfs h2x4 1 timed /dev/null sync -f "${PEER[m1]}"
 check_tool first h2x4
 
 # ---- phase 2: no change -------------------------------------------------------------
-TOOLS_NC=(h2 ho hc unison rsync h2x4 find)
+TOOLS_NC=(h2 ho hc unison rsync h2x4 find findssh)
 for ((rep = 0; rep <= REPS; rep++)); do
     kind=timed
     [[ $rep -eq 0 ]] && kind=warm

@@ -16,6 +16,7 @@ LABEL = {
     "h2": "hubsync/libssh2", "ho": "hubsync/OpenSSH", "hc": "hubsync/OpenSSH+CM",
     "unison": "unison/ssh", "rsync": "rsync -a/ssh", "h2x4": "hubsync/libssh2, 4 peers",
     "find": "floor: find ∥ ssh(CM) find",
+    "findssh": "floor: find ∥ ssh find",
     "ssh-rc": "new connection, login shell rc files run", "ssh": "new connection", "ssh-cm": "over the ControlMaster",
     "h2-up": "hubsync/libssh2", "ho-up": "hubsync/OpenSSH", "rsync-up": "rsync -a/ssh",
     "ssh-up": "ssh 'cat >/dev/null'", "h2-down": "hubsync/libssh2", "ho-down": "hubsync/OpenSSH",
@@ -124,7 +125,7 @@ p("The benchmark's sshd " + ("runs the login shell's rc files (BENCH_SSH_RC=1)" 
 p("")
 
 PH = [("first", "First sync into an empty peer", ["h2", "ho", "hc", "unison", "rsync"]),
-      ("nochange", "No change", ["h2", "ho", "hc", "unison", "rsync", "find", "h2x4"]),
+      ("nochange", "No change", ["h2", "ho", "hc", "unison", "rsync", "find", "findssh", "h2x4"]),
       ("small", "Small change (5 page edits, 1 image upload)", ["h2", "ho", "hc", "unison", "rsync", "h2x4"]),
       ("both", "Edits on both sides (5 pages + 1 image on each; rsync: -au both ways)",
        ["h2", "ho", "hc", "unison", "rsync"])]
@@ -233,6 +234,14 @@ for phase, name in (("first", "first sync"), ("nochange", "no change"), ("small"
     h = med(phase, "h2")
     parts = [f"{LABEL[t]} {f(ratio(med(phase, t), h), '.2f')}×" for t in ("ho", "hc", "unison", "rsync")]
     p(f"- {name}: relative to hubsync/libssh2: " + ", ".join(parts))
+p(f"- no change against the floor (target ≤ 1.2×): hubsync/libssh2 "
+  f"{f(ratio(med('nochange', 'h2'), med('nochange', 'findssh')), '.2f')}× and hubsync/OpenSSH "
+  f"{f(ratio(med('nochange', 'ho'), med('nochange', 'findssh')), '.2f')}× find ∥ ssh find; "
+  f"hubsync/OpenSSH+CM {f(ratio(med('nochange', 'hc'), med('nochange', 'find')), '.2f')}× find ∥ ssh(CM) find")
+p(f"- first sync against rsync (target ≤ 1.5×): hubsync/libssh2 "
+  f"{f(ratio(med('first', 'h2'), med('first', 'rsync')), '.2f')}×, hubsync/OpenSSH "
+  f"{f(ratio(med('first', 'ho'), med('first', 'rsync')), '.2f')}×, hubsync/OpenSSH+CM "
+  f"{f(ratio(med('first', 'hc'), med('first', 'rsync')), '.2f')}×")
 ho_up, h2_up = med("big", "ho-up"), med("big", "h2-up")
 ho_dn, h2_dn = med("big", "ho-down"), med("big", "h2-down")
 p(f"- big file: OpenSSH/libssh2 throughput: up {f(ratio(h2_up, ho_up), '.2f')}×, down {f(ratio(h2_dn, ho_dn), '.2f')}×")
