@@ -207,7 +207,7 @@ pub enum Reason {
     Merged { on: Replicas },
     /// Changed differently on several replicas.
     Conflict {
-        winner: usize,
+        winner: u8,
         losers: Replicas,
         rule: Rule,
     },
@@ -220,8 +220,9 @@ pub struct Item {
     /// The version every replica holds afterwards (`None`: the path is removed).
     pub result: Option<Version>,
     pub reason: Reason,
-    /// The replica to copy file content from, when some action needs it.
-    pub source: Option<usize>,
+    /// The replica to copy file content from, when some action needs it (see
+    /// `source()`; small, as a first sync plans an item per file).
+    pub source: Option<u8>,
     /// What each replica does, in replica order.
     pub actions: Actions,
     /// Peers whose agreed state for this path becomes `result` once the actions on
@@ -230,6 +231,12 @@ pub struct Item {
     /// For a merge: the versions whose lines make the result, and where they are.
     #[serde(skip_serializing_if = "MergeInputs::is_empty")]
     pub merge: MergeInputs,
+}
+
+impl Item {
+    pub fn source(&self) -> Option<usize> {
+        self.source.map(usize::from)
+    }
 }
 
 /// The inputs of a merge. Hardly any item has some, and a first sync plans an item
@@ -347,14 +354,14 @@ impl fmt::Display for PlanDisplay<'_> {
                     };
                     format!(
                         "CONFLICT: {} wins ({rule}) over {}",
-                        self.names([*winner]),
+                        self.names([usize::from(*winner)]),
                         self.names(losers.iter())
                     )
                 }
             };
             writeln!(f, "{}  [{what}; {why}]", item.path)?;
             for (r, a) in item.actions.iter() {
-                let from = match (a, item.source) {
+                let from = match (a, item.source()) {
                     (Action::Create | Action::Replace | Action::KeepAndReplace, Some(s)) => {
                         format!(" from {}", self.names([s]))
                     }

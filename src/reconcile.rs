@@ -528,7 +528,7 @@ fn follow_leader<'a>(
     Some((
         winning.cloned(),
         Reason::Conflict {
-            winner,
+            winner: small(winner),
             losers,
             rule: Rule::BundleLeader,
         },
@@ -597,7 +597,7 @@ fn resolve<'a>(
     (
         Some(winning.clone()),
         Reason::Conflict {
-            winner,
+            winner: small(winner),
             losers,
             rule,
         },
@@ -644,9 +644,11 @@ fn force_directory(d: &mut Decision<'_>) {
             .iter()
             .all(|r| d.row.states[r].and_then(St::version).is_none());
         d.reason = Reason::Conflict {
-            winner: (0..d.row.states.len())
-                .find(|&r| holds_dir(r))
-                .unwrap_or(HUB),
+            winner: small(
+                (0..d.row.states.len())
+                    .find(|&r| holds_dir(r))
+                    .unwrap_or(HUB),
+            ),
             losers,
             rule: if deleted_only {
                 Rule::ModifiedBeatsDeleted
@@ -729,7 +731,7 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
         path,
         result,
         reason: d.reason,
-        source,
+        source: source.map(small),
         actions,
         agree,
         merge: merge.into(),
@@ -738,3 +740,10 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
 
 #[cfg(test)]
 mod tests;
+
+/// A replica index in a plan's compact fields: there are at most
+/// `MAX_REPLICAS` (64) replicas.
+fn small(r: usize) -> u8 {
+    debug_assert!(r < crate::plan::MAX_REPLICAS);
+    r as u8
+}

@@ -139,7 +139,7 @@ fn reason_text(r: &Reason, labels: &[String]) -> String {
             rule,
         } => format!(
             "conflict: {} wins over {} ({rule:?})",
-            names(&crate::plan::Replicas::one(*winner)),
+            names(&crate::plan::Replicas::one(usize::from(*winner))),
             names(losers)
         ),
     }
@@ -236,7 +236,7 @@ impl RunReport {
                         path: i.path.to_string_lossy(),
                         result: i.result.as_ref(),
                         why: reason_text(&i.reason, labels),
-                        source: i.source.map(name),
+                        source: i.source().map(name),
                         actions: i
                             .actions
                             .iter()

@@ -265,7 +265,7 @@ impl Run<'_> {
                     }
                 }
             } else if !file_dests.is_empty() {
-                match item.source.filter(|&s| self.reps[s].taking_part()) {
+                match item.source().filter(|&s| self.reps[s].taking_part()) {
                     Some(source) => {
                         ex.queue.push_back(Queued {
                             item: ii as u32,
@@ -1050,7 +1050,7 @@ impl Run<'_> {
                             if !item.result.as_ref().is_some_and(|v| v.is_dir()) {
                                 rep.report.files_in += 1;
                                 rep.report.bytes_in = rep.report.bytes_in.saturating_add(size);
-                                if let Some(src) = item.source {
+                                if let Some(src) = item.source() {
                                     let src = &mut self.reps[src].report;
                                     src.files_out += 1;
                                     src.bytes_out = src.bytes_out.saturating_add(size);
@@ -1074,7 +1074,9 @@ impl Run<'_> {
                 // What a failed source could not send is that source's failure,
                 // reported once with it; the destination did nothing wrong, and the
                 // path syncs on the next run.
-                Some(Err(e)) if alive && item.source.is_some_and(|s| !self.reps[s].conn.alive) => {
+                Some(Err(e))
+                    if alive && item.source().is_some_and(|s| !self.reps[s].conn.alive) =>
+                {
                     let line = format!("{label}: {}: {e}; it syncs next run", item.path);
                     self.reps[t.replica()].report.deferred += 1;
                     self.report.warnings.push(line);

@@ -756,7 +756,7 @@ impl Run<'_> {
             }
             self.report.conflicts.push(ConflictReport {
                 path: item.path.to_string(),
-                winner: self.reps[*winner].conn.label.clone(),
+                winner: self.reps[usize::from(*winner)].conn.label.clone(),
                 rule: *rule,
                 losers,
             });
