@@ -785,6 +785,38 @@ fn an_external_edit_that_loses_becomes_a_revision() {
     assert_eq!(kept.len(), 2, "{}", e.dump());
 }
 
+/// The hub stops starting transfers for a destination that owes it too many
+/// answers. With the bound at 4, install groups (page + changelog, held until
+/// complete), ranks (attic first) and three replicas must still finish, not wait
+/// on each other, and converge.
+#[test]
+fn a_small_bound_on_owed_answers_neither_deadlocks_nor_loses() {
+    let e = Env::new(3);
+    let t = now() - 600;
+    for k in 0..60 {
+        let id = format!("ns{}/p{k}", k % 4);
+        let log = format!(
+            "{t}\t1.2.3.4\tC\t{}\talice\tcreated\t\n",
+            id.replace('/', ":")
+        );
+        let i = k % 3;
+        e.write(i, &format!("pages/{id}.txt"), &format!("page {k}"), t);
+        e.write(i, &format!("meta/{id}.changes"), &log, t);
+        e.write(i, &format!("meta/{id}.meta"), "meta", t);
+        e.write(i, &format!("attic/{id}.{t}.txt.gz"), "gz", t);
+    }
+    let mut c = std::process::Command::new(BIN);
+    c.arg("sync").args([e.r(0), e.r(1), e.r(2)]);
+    c.args(["--profile", "dokuwiki", "--timeout", "20s"]);
+    c.env("HUBSYNC_TEST_MAX_OWED", "4");
+    let r = run(c);
+    assert_eq!(r.code(), 0, "{}\n{}", r.stderr(), e.dump());
+    e.assert_converged();
+    for i in 0..3 {
+        assert_eq!(e.read(i, "pages/ns3/p59.txt"), "page 59");
+    }
+}
+
 #[test]
 fn an_unknown_profile_is_refused_with_the_known_ones() {
     let e = Env::new(2);

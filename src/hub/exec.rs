@@ -25,6 +25,9 @@ use super::Run;
 const IN_FLIGHT: u64 = 1 << 20;
 /// Files being received by destinations at once.
 const MAX_ACTIVE: usize = 128;
+/// Answers a destination may owe before no new transfer starts for it (more than
+/// a receiver's install batch, so that it never waits on us for a full one).
+const MAX_OWED: usize = 8192;
 /// Outstanding chunk requests per file.
 const READ_AHEAD: usize = 4;
 /// Agreed-state changes per commit frame.
@@ -165,6 +168,8 @@ pub(super) struct Exec {
     group_resolved: std::collections::HashSet<usize>,
     /// Groups whose members are all resolved: `GroupEnd` is due.
     group_ends: Vec<usize>,
+    /// `MAX_OWED`, or smaller for tests (`HUBSYNC_TEST_MAX_OWED`).
+    max_owed: usize,
 }
 
 /// One install group on one replica.
@@ -200,6 +205,10 @@ impl Run<'_> {
             earlier_left: vec![0; n],
             committed: vec![false; n],
             plan: plan.clone(),
+            max_owed: std::env::var("HUBSYNC_TEST_MAX_OWED")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(MAX_OWED),
             ..Default::default()
         };
         for (ii, item) in plan.items.iter().enumerate() {
@@ -800,6 +809,12 @@ impl Run<'_> {
                 break;
             };
             if !ex.rank_open(ex.tasks[front.first_task as usize].rank) {
+                break;
+            }
+            // A destination that owes this many answers waits: past its pipe, a slow
+            // link holds thousands of small files, and every one is a waiting entry.
+            let owing = |d: usize| self.reps[ex.tasks[d].replica()].pending >= ex.max_owed;
+            if ex.queued_dests(front).into_iter().any(owing) {
                 break;
             }
             let Some(q) = ex.queue.pop_front() else {
