@@ -817,6 +817,40 @@ fn a_small_bound_on_owed_answers_neither_deadlocks_nor_loses() {
     }
 }
 
+/// A destination that dies owes its answers forever: it must not hold back the
+/// transfers the living peers wait for.
+#[test]
+fn a_dead_destination_does_not_hold_back_the_others_under_the_bound() {
+    let e = Env::new(3);
+    for k in 0..100 {
+        e.write(0, &format!("d{}/f{k}", k % 5), &format!("file {k}"), T0);
+    }
+    let mut c = std::process::Command::new(BIN);
+    c.arg("sync").args([e.r(0), e.r(1), e.r(2)]);
+    c.args(["--timeout", "10s"]);
+    c.env("HUBSYNC_TEST_MAX_OWED", "4");
+    // Between planning and applying, r2's serve is killed.
+    let kill = format!("pkill -KILL -f -x '.* serve {}'", e.r(2).display());
+    c.env("HUBSYNC_TEST_BEFORE_APPLY", &kill);
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let started = std::time::Instant::now();
+    let mut hub = c.spawn().unwrap();
+    while hub.try_wait().unwrap().is_none() && started.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if hub.try_wait().unwrap().is_none() {
+        hub.kill().unwrap();
+        panic!("the hub still runs 60 s after a destination died (--timeout 10s)");
+    }
+    let out = hub.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for k in 0..100 {
+        assert_eq!(e.read(1, &format!("d{}/f{k}", k % 5)), format!("file {k}"));
+    }
+}
+
 #[test]
 fn an_unknown_profile_is_refused_with_the_known_ones() {
     let e = Env::new(2);

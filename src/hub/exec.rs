@@ -813,7 +813,12 @@ impl Run<'_> {
             }
             // A destination that owes this many answers waits: past its pipe, a slow
             // link holds thousands of small files, and every one is a waiting entry.
-            let owing = |d: usize| self.reps[ex.tasks[d].replica()].pending >= ex.max_owed;
+            let owing = |d: usize| {
+                let rep = &self.reps[ex.tasks[d].replica()];
+                ex.tasks[d].outcome == Outcome::Pending
+                    && rep.conn.alive
+                    && rep.pending >= ex.max_owed
+            };
             if ex.queued_dests(front).into_iter().any(owing) {
                 break;
             }
