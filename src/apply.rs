@@ -622,20 +622,9 @@ impl Root {
         if let Some(parent) = path.parent() {
             self.make_dirs(&parent)?;
         }
-        let dir = self.parent_fd(path)?;
-        let (mut file, temp) = create_temp(&dir)?;
-        let r = (|| {
-            file.write_all(bytes).map_err(io_err)?;
-            self.set_owner_like(file.as_fd(), like)?;
-            rustix::fs::fchmod(&file, Mode::from_raw_mode(like.st_mode & 0o7777))?;
-            rustix::fs::futimens(&file, &times(mtime))?;
-            file.sync_all().map_err(io_err)?;
-            rename_noreplace(&dir, &temp, path.file_name())
-        })();
-        if r.is_err() {
-            let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
-        }
-        r
+        self.write_then(path, bytes, like, Some(mtime), |dir, temp| {
+            rename_noreplace(dir, temp, path.file_name())
+        })
     }
 
     /// Replaces the regular file `path` with `bytes`, keeping its owner and
@@ -647,41 +636,43 @@ impl Root {
         bytes: &[u8],
         was: &Stat,
     ) -> Result<(), OpError> {
-        let dir = self.parent_fd(path)?;
-        let (mut file, temp) = create_temp(&dir)?;
-        let r = (|| {
-            file.write_all(bytes).map_err(io_err)?;
-            self.set_owner_like(file.as_fd(), was)?;
-            rustix::fs::fchmod(&file, Mode::from_raw_mode(was.st_mode & 0o7777))?;
-            file.sync_all().map_err(io_err)?;
-            let now = rustix::fs::statat(&dir, path.file_name(), AtFlags::SYMLINK_NOFOLLOW)?;
+        self.write_then(path, bytes, was, None, |dir, temp| {
+            let now = rustix::fs::statat(dir, path.file_name(), AtFlags::SYMLINK_NOFOLLOW)?;
             let same = (now.st_ino, now.st_size, now.st_mtime, now.st_mtime_nsec)
                 == (was.st_ino, was.st_size, was.st_mtime, was.st_mtime_nsec);
             if !same {
                 return Err(OpError::Changed);
             }
-            Ok(rustix::fs::renameat(
-                &dir,
-                temp.as_str(),
-                &dir,
-                path.file_name(),
-            )?)
+            Ok(rustix::fs::renameat(dir, temp, dir, path.file_name())?)
+        })
+    }
+
+    /// Writes `bytes` to a synced temp file beside `path`, owned and permitted like
+    /// `like`, then lets `place` put it under its name; the temp file goes on error.
+    fn write_then(
+        &mut self,
+        path: &RelPath,
+        bytes: &[u8],
+        like: &Stat,
+        mtime: Option<Mtime>,
+        place: impl FnOnce(&OwnedFd, &str) -> Result<(), OpError>,
+    ) -> Result<(), OpError> {
+        let dir = self.parent_fd(path)?;
+        let (mut file, temp) = create_temp(&dir)?;
+        let r = (|| {
+            file.write_all(bytes).map_err(io_err)?;
+            self.set_owner(file.as_fd(), like.st_uid, like.st_gid)?;
+            rustix::fs::fchmod(&file, Mode::from_raw_mode(like.st_mode & 0o7777))?;
+            if let Some(m) = mtime {
+                rustix::fs::futimens(&file, &times(m))?;
+            }
+            file.sync_all().map_err(io_err)?;
+            place(&dir, &temp)
         })();
         if r.is_err() {
             let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
         }
         r
-    }
-
-    fn set_owner_like(&self, fd: BorrowedFd<'_>, like: &Stat) -> Result<(), OpError> {
-        if self.as_root {
-            rustix::fs::fchown(
-                fd,
-                Some(rustix::fs::Uid::from_raw(like.st_uid)),
-                Some(rustix::fs::Gid::from_raw(like.st_gid)),
-            )?;
-        }
-        Ok(())
     }
 
     /// Removes the regular file `path` if there is one (derived data, like a
@@ -831,11 +822,16 @@ impl Root {
     }
 
     fn set_owner_fd(&self, fd: BorrowedFd<'_>, v: &Version) -> Result<(), OpError> {
+        self.set_owner(fd, v.uid, v.gid)
+    }
+
+    /// Ownership is kept only when running as root (nobody else may give it away).
+    fn set_owner(&self, fd: BorrowedFd<'_>, uid: u32, gid: u32) -> Result<(), OpError> {
         if self.as_root {
             rustix::fs::fchown(
                 fd,
-                Some(rustix::fs::Uid::from_raw(v.uid)),
-                Some(rustix::fs::Gid::from_raw(v.gid)),
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
             )?;
         }
         Ok(())
