@@ -9,7 +9,8 @@
 //! 3. Otherwise the candidates are the changed peers' versions, plus the hub's if the
 //!    hub changed it relative to one of them. Equal candidates collapse; one left wins.
 //! 4. Several left is a conflict: present beats absent, then newest mtime, then the
-//!    greater content hash. A replica whose own change lost keeps it as a conflict copy.
+//!    greater content hash. A replica whose own change lost keeps it as a conflict copy,
+//!    and so does every replica that holds a copy of a losing version.
 //!
 //! Directories follow their contents: a directory stays (or becomes one again) while
 //! anything below it is present, and anything whose state is unknown on some replica
@@ -668,6 +669,22 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
         return;
     }
     let result = d.result;
+    // The versions that lost a conflict. A replica about to lose one keeps it even
+    // if it only held a copy (it had agreed on the loser's change while the winner's
+    // replica was away): should the run end before the loser's own replica keeps it,
+    // the next run would see the winner there as an ordinary edit, and replace the
+    // loser's version everywhere without a trace.
+    let losing: SmallVec<[&Version; 2]> = match &d.reason {
+        Reason::Conflict { losers, .. } => losers
+            .iter()
+            .filter_map(|r| d.row.states[r].and_then(St::version))
+            .filter(|v| !v.is_dir())
+            .collect(),
+        _ => SmallVec::new(),
+    };
+    let loses = |r: usize, cur: &Version| {
+        d.candidates.contains(&r) || losing.iter().any(|l| l.same_content(cur))
+    };
     let mut actions = Actions::default();
     for (r, st) in d.row.states.iter().enumerate() {
         let Some(cur) = st.map(St::version) else {
@@ -682,13 +699,13 @@ fn emit(d: Decision<'_>, plan: &mut Plan) {
             (None, None) => continue,
             // Only a bundle's leader can make a deletion beat a change: the change
             // is kept.
-            (None, Some(_)) if d.candidates.contains(&r) => Action::KeepAndRemove,
+            (None, Some(cur)) if loses(r, cur) => Action::KeepAndRemove,
             (None, Some(_)) => Action::Remove,
             (Some(_), None) => Action::Create,
             // A merge contains every candidate's lines: nothing to keep aside.
             (Some(_), Some(_)) if merged => Action::Replace,
             (Some(res), Some(cur)) if cur.same_content(res) => Action::SetMeta,
-            (Some(_), Some(_)) if d.candidates.contains(&r) => Action::KeepAndReplace,
+            (Some(_), Some(cur)) if loses(r, cur) => Action::KeepAndReplace,
             (Some(_), Some(_)) => Action::Replace,
         };
         actions.push(r, action);

@@ -979,3 +979,59 @@ fn a_peer_that_dies_while_it_is_a_source_does_not_hang_the_run() {
     e.sync_ok(&[]);
     e.assert_converged();
 }
+
+/// Found by scripts/torture.sh: a conflict's winner replaced a replica's copy of the
+/// losing edit (r1 had agreed on the hub's edit while r2 was away), and the run
+/// ended before the hub kept its own losing version. The next run, without r2, saw
+/// r1's copy of the winner as an ordinary edit and replaced the hub's version, which
+/// was then nowhere. Here the hub's keep fails instead of a crash (its conflicts
+/// directory is blocked by a file): same state, every time.
+#[test]
+fn a_winner_that_reaches_a_copy_of_the_losing_edit_first_keeps_that_copy() {
+    let e = Env::new(3);
+    e.write(0, "page.txt", "v0", T0);
+    e.sync_ok(&[]);
+    let hold = |i: usize| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(e.p(i, ".hubsync/lock"))
+            .unwrap();
+        f.try_lock().unwrap();
+        f
+    };
+    // r2 away: the hub's edit reaches r1 only.
+    let away = hold(2);
+    e.write(0, "page.txt", "the hub's edit", T0 + 100);
+    e.sync_expect(2, &[]);
+    assert_eq!(e.read(1, "page.txt"), "the hub's edit");
+    drop(away);
+    // r2 had edited it too, later: r2 wins; the hub cannot keep its loser this run.
+    e.write(2, "page.txt", "r2's edit", T0 + 200);
+    std::fs::write(e.p(0, ".hubsync/conflicts"), "in the way").unwrap();
+    let r = e.sync(&[]);
+    assert_ne!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(e.read(0, "page.txt"), "the hub's edit", "{}", r.stderr());
+    assert_eq!(e.read(1, "page.txt"), "r2's edit", "{}", r.stderr());
+    assert!(
+        r.stderr().contains("r1's version kept at"),
+        "the report names r1's kept copy: {}",
+        r.stderr()
+    );
+    // r2 away again: r1's copy of the winner replaces the hub's version.
+    std::fs::remove_file(e.p(0, ".hubsync/conflicts")).unwrap();
+    let away = hold(2);
+    e.sync_expect(2, &[]);
+    assert_eq!(e.read(0, "page.txt"), "r2's edit");
+    drop(away);
+    e.sync_ok(&[]);
+    e.assert_converged();
+    let kept: Vec<String> = (0..3)
+        .flat_map(|i| find(&e.p(i, ".hubsync/conflicts"), "page.txt.conflict-"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(
+        kept.iter().any(|k| k == "the hub's edit"),
+        "the hub's edit is nowhere: kept {kept:?}\n{}",
+        e.dump()
+    );
+}

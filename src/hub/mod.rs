@@ -731,8 +731,14 @@ impl Run<'_> {
             else {
                 continue;
             };
+            // The losers, and the replicas that held a copy of a losing version
+            // and kept it as well.
+            let keepers = item.actions.iter().filter_map(|(r, a)| {
+                matches!(a, Action::KeepAndReplace | Action::KeepAndRemove).then_some(r)
+            });
             let losers: Vec<_> = losers
                 .iter()
+                .chain(keepers.filter(|r| !losers.contains(*r)))
                 .filter(|l| !failed.contains(&(ii, *l)))
                 .map(|l| {
                     let keeps = item.actions.iter().any(|(r, a)| {

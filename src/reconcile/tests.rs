@@ -673,13 +673,15 @@ fn peers_that_missed_a_run_catch_up_and_keep_their_own_changes() {
         &[new.clone(), old.clone()],
         &["a = f:v1@2 catchup <0 2:replace"],
     );
-    // ...and it edited the file meanwhile: a real conflict with what the hub learnt
+    // ...and it edited the file meanwhile: a real conflict with what the hub learnt;
+    // peer 1 holds a copy of the losing version, and keeps it too (see
+    // `a_winner_that_reaches_a_copy_of_the_loser_first_keeps_that_copy`)
     let own = t(&[("a", f("v2", 3))]);
     check(
         &[Some(new.clone()), Some(old.clone())],
         new.clone(),
         &[new.clone(), own],
-        &["a = f:v2@3 conflict(w=2 l=0 newest) <2 0:keep 1:replace"],
+        &["a = f:v2@3 conflict(w=2 l=0 newest) <2 0:keep 1:keep"],
     );
 }
 
@@ -889,23 +891,56 @@ fn is_consistent(fs: &Fs) -> bool {
 /// Applies a plan to in-memory trees the way the engine would; returns the versions
 /// kept as conflict copies.
 fn apply(plan: &Plan, trees: &mut [Fs], agreed: &mut [Option<Fs>]) -> Vec<Version> {
-    let mut kept = Vec::new();
+    let kept = apply_some(plan, trees, &mut || true);
     for item in &plan.items {
-        for (r, a) in &item.actions {
-            if a == Action::KeepAndReplace {
-                kept.push(trees[r][&item.path].clone());
-            }
-            match &item.result {
-                Some(v) => trees[r].insert(item.path.clone(), v.clone()),
-                None => trees[r].remove(&item.path),
-            };
-        }
         for i in &item.agree {
             let a = agreed[i - 1].get_or_insert_with(Fs::new);
             match &item.result {
                 Some(v) => a.insert(item.path.clone(), v.clone()),
                 None => a.remove(&item.path),
             };
+        }
+    }
+    kept
+}
+
+/// Carries out the actions `pick` accepts, in any order, the way a run killed
+/// half-way leaves the trees (the engine runs replicas and transfers concurrently,
+/// so any subset can be done). An action the tree cannot take yet (a parent not
+/// made, a directory not yet empty) fails, as `mkdirat` or `rmdir` would.
+fn apply_some(plan: &Plan, trees: &mut [Fs], pick: &mut dyn FnMut() -> bool) -> Vec<Version> {
+    let mut kept = Vec::new();
+    let mut pending: Vec<(&Item, usize, Action)> = plan
+        .items
+        .iter()
+        .flat_map(|item| item.actions.iter().map(move |(r, a)| (item, r, a)))
+        .filter(|_| pick())
+        .collect();
+    // Until nothing more can be done: a directory's removal waits for its contents.
+    loop {
+        let before = pending.len();
+        pending.retain(|&(item, r, a)| {
+            let t = &mut trees[r];
+            let parent_ok = item
+                .path
+                .parent()
+                .is_none_or(|p| t.get(&p).is_some_and(Version::is_dir));
+            let has_children = t.keys().any(|k| item.path.is_ancestor_of(k));
+            let becomes_dir = item.result.as_ref().is_some_and(Version::is_dir);
+            if !parent_ok || (has_children && !becomes_dir) {
+                return true;
+            }
+            if matches!(a, Action::KeepAndReplace | Action::KeepAndRemove) {
+                kept.push(t[&item.path].clone());
+            }
+            match &item.result {
+                Some(v) => t.insert(item.path.clone(), v.clone()),
+                None => t.remove(&item.path),
+            };
+            false
+        });
+        if pending.len() == before {
+            break;
         }
     }
     kept
@@ -1057,16 +1092,20 @@ fn replica_of(e: &Edit) -> usize {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(400)
+        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000)
     ))]
 
     /// Random edits on three replicas over several rounds (sometimes with a peer
-    /// missing a round): after a round with everyone present the trees are equal and
-    /// consistent, a second run plans nothing, and every version that was a change
-    /// is in the trees or kept as a conflict copy.
+    /// missing a round, sometimes with the run killed half-way): after a complete
+    /// round with everyone present the trees are equal and consistent and a second
+    /// run plans nothing; after every round, every version an edit wrote is in some
+    /// tree or kept as a conflict copy, unless a later edit replaced it where it was.
     #[test]
     fn random_histories_converge_and_lose_nothing(
-        rounds in prop::collection::vec((edits(), 0..4usize, any::<bool>()), 1..5),
+        rounds in prop::collection::vec(
+            (edits(), 0..4usize, any::<bool>(), prop::option::weighted(0.3, any::<u64>())),
+            1..7,
+        ),
         first_sync in any::<bool>(),
     ) {
         let mut trees: Vec<Fs> = vec![Fs::new(), Fs::new(), Fs::new()];
@@ -1074,41 +1113,58 @@ proptest! {
             if first_sync { None } else { Some(Fs::new()) };
             2
         ];
-        for (edits, absent, deltas) in &rounds {
+        // Versions edits wrote, and those a later edit replaced where it saw them.
+        let mut written: Vec<Version> = Vec::new();
+        let mut superseded: Vec<Version> = Vec::new();
+        let mut kept: Vec<Version> = Vec::new();
+        for (edits, absent, deltas, crash) in &rounds {
             for e in edits {
-                edit(&mut trees[replica_of(e)], e);
-            }
-            // Versions that are changes relative to some agreed state.
-            let mut changes: Vec<Version> = Vec::new();
-            for (r, tree) in trees.iter().enumerate() {
-                for (p, v) in tree {
-                    let vs_agreed = |a: &Option<Fs>| a.as_ref().and_then(|a| a.get(p)).is_none_or(|x| !x.same(v));
-                    // The hub's version is its own change only if no peer agreed on it yet;
-                    // otherwise it is a base that a peer may legitimately supersede.
-                    let changed = if r == 0 { agreed.iter().all(vs_agreed) } else { vs_agreed(&agreed[r - 1]) };
-                    if changed && v.is_file() { changes.push(v.clone()); }
+                let tree = &mut trees[replica_of(e)];
+                let before = tree.clone();
+                edit(tree, e);
+                for (p, v) in &before {
+                    if v.is_file() && tree.get(p).is_none_or(|now| !now.same(v)) {
+                        superseded.push(v.clone());
+                    }
+                }
+                for (p, v) in tree.iter() {
+                    if v.is_file() && before.get(p).is_none_or(|was| !was.same(v)) {
+                        written.push(v.clone());
+                    }
                 }
             }
             // Optionally one peer misses this round (absent = 1 or 2).
-            let mut present_trees = trees.clone();
             let gone = (*absent == 1 || *absent == 2).then_some(*absent);
             let plan = plan_views(&trees, &agreed, gone, *deltas);
-            let kept = apply(&plan, &mut present_trees, &mut agreed);
-            // A completed run establishes each present pair's agreed state.
-            for (i, a) in agreed.iter_mut().enumerate() {
-                if *absent != i + 1 {
-                    a.get_or_insert_with(Fs::new);
+            if let Some(seed) = crash {
+                // Killed mid-run: some actions done, no agreed state moves.
+                let mut x = *seed | 1;
+                let mut pick = move || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x & 1 == 0
+                };
+                kept.extend(apply_some(&plan, &mut trees, &mut pick));
+            } else {
+                kept.extend(apply(&plan, &mut trees, &mut agreed));
+                // A completed run establishes each present pair's agreed state.
+                for (i, a) in agreed.iter_mut().enumerate() {
+                    if *absent != i + 1 {
+                        a.get_or_insert_with(Fs::new);
+                    }
                 }
             }
-            trees = present_trees;
             for t in &trees {
                 prop_assert!(is_consistent(t), "inconsistent tree {:?}\nplan {:?}", t, render(&plan));
             }
-            let everything: Vec<&Version> = trees.iter().flat_map(|t| t.values()).chain(kept.iter()).collect();
-            for c in &changes {
-                prop_assert!(everything.iter().any(|v| v.same_content(c)), "lost {:?}\nplan {:?}", c, render(&plan));
+            for w in &written {
+                let there = trees.iter().flat_map(|t| t.values()).chain(kept.iter())
+                    .any(|v| v.same_content(w));
+                let replaced = superseded.iter().any(|v| v.same_content(w));
+                prop_assert!(there || replaced, "lost {:?}\nplan {:?}", w, render(&plan));
             }
-            if *absent == 0 || *absent == 3 {
+            if crash.is_none() && (*absent == 0 || *absent == 3) {
                 prop_assert_eq!(&trees[0], &trees[1], "plan {:?}", render(&plan));
                 prop_assert_eq!(&trees[0], &trees[2]);
                 let again = plan_for(&trees, &agreed);
@@ -1308,4 +1364,40 @@ fn the_hub_alone_can_lead_a_bundle() {
             "pages/p.txt = f:v2@20 changed(0) <0 1:replace 2:replace",
         ],
     );
+}
+
+/// A conflict's winner reached a replica that held the loser's version only as an
+/// agreed copy (r1, which had agreed on the hub's edit while r2 was away), then the
+/// run died before the hub kept its own losing version. The next run, without r2,
+/// sees r1's copy of the winner as an ordinary edit and replaces the hub's version:
+/// unless r1 kept the version it replaced, it is gone everywhere.
+#[test]
+fn a_winner_that_reaches_a_copy_of_the_loser_first_keeps_that_copy() {
+    let p = |s: &str| RelPath::new(s).unwrap();
+    let base: Fs = [(p("a"), f("base", 1))].into();
+    let mut trees = vec![base.clone(), base.clone(), base.clone()];
+    let mut agreed = vec![Some(base.clone()), Some(base.clone())];
+    // The hub edits a while r2 is away; r2 edits it later (newer mtime).
+    trees[0].insert(p("a"), f("hub", 5));
+    let plan = plan_views(&trees, &agreed, Some(2), false);
+    apply(&plan, &mut trees, &mut agreed);
+    agreed[0].get_or_insert_with(Fs::new);
+    trees[2].insert(p("a"), f("r2", 7));
+    // Everyone present: r2 wins, the hub's edit loses, on r0 and on r1's copy.
+    let plan = plan_views(&trees, &agreed, None, false);
+    assert_eq!(
+        render(&plan),
+        ["a = f:r2@7 conflict(w=2 l=0 newest) <2 0:keep 1:keep"]
+    );
+    // The run dies after r1's action, before the hub's.
+    let mut n = 0;
+    let kept = apply_some(&plan, &mut trees, &mut || {
+        n += 1;
+        n == 2
+    });
+    assert_eq!(kept, [f("hub", 5)], "r1 keeps what it replaced");
+    // The next run, r2 away again: r1's winner replaces the hub's version as a
+    // plain edit; the hub's version survives as r1's conflict copy.
+    let plan = plan_views(&trees, &agreed, Some(2), false);
+    assert_eq!(render(&plan), ["a = f:r2@7 changed(1) <1 0:replace"]);
 }
