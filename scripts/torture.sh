@@ -27,7 +27,11 @@
 #   --seed N  reproduce a run (the seed is printed at the start and the end)
 #   --only    run only these kinds (see above)
 #   --keep    keep the work directory (it is always kept after a failure)
-# Environment: HUBSYNC = the binary to test (default: cargo build --release here).
+# Environment: HUBSYNC = the binary to test (default: cargo build --release here);
+#   TORTURE_STOP_ON_FAIL=1 stops at the first failed trial, its replicas as it left
+#   them; TORTURE_SERVE_TARGET=1|2 aims crash-serve at one peer's serve;
+#   TORTURE_AGAIN=P kills the run after a crash too with probability P (0.25).
+# A failed trial leaves WORK/trial-N-runs.log: every run of it, with -v output.
 # Exits 0 only if no trial failed and nothing was lost. Needs root (network
 # namespaces, tmpfs); installs missing Debian packages itself.
 set -euo pipefail
@@ -38,7 +42,7 @@ ARGS=("$@")
 KEEP=0
 for a in "$@"; do
   case "$a" in
-    -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --keep) KEEP=1 ;;
   esac
 done

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -189,8 +190,10 @@ def serve_pids(root):
 
 
 def hubsync_pids(roots):
+    # By the binary's name, whatever it is called (a copy under test may be renamed).
+    names = {"hubsync", os.path.basename(HUB)}
     return [(pid, " ".join(cmd)) for pid, (_, state, _, cmd) in procs().items()
-            if state not in "ZX" and cmd and os.path.basename(cmd[0]) == "hubsync"
+            if state not in "ZX" and cmd and os.path.basename(cmd[0]) in names
             and any(r in cmd for r in roots)]
 
 
@@ -260,24 +263,48 @@ class Failure(Exception):
     pass
 
 
+class Run(subprocess.Popen):
+    """A hub run whose output goes to files, not pipes: nothing reads a pipe while
+    a trial waits for its moment to kill, and a run that filled one would block in
+    a write and look hung."""
+
+    def __init__(self, cmd):
+        self.files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
+        super().__init__(cmd, stdin=subprocess.DEVNULL, stdout=self.files[0],
+                         stderr=self.files[1], start_new_session=True)
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        out = []
+        for f in self.files:
+            f.seek(0)
+            out.append(f.read().decode(errors="replace"))
+            f.close()
+        return tuple(out)
+
+
 class World:
     def __init__(self, name, roots, peers, prefix=(), extra=()):
         self.name, self.roots, self.peers = name, roots, list(peers)
         self.prefix, self.extra = list(prefix), list(extra)
         self.base = {}  # the converged tree: path -> version
         self.base_dirs = set()
+        # Every run of the current trial (command line, exit, output), kept with
+        # the work directory when the trial fails.
+        self.journal = []
+
+    def note(self, what, code, out, err):
+        self.journal.append(f"--- {what}: exit {code}\n{out or ''}{err or ''}")
 
     def cmd(self, args=()):
         return self.prefix + [HUB, "sync", self.roots[0], *self.peers, "--identity", SSH_KEY,
                               "--known-hosts", KNOWN, "--remote-command", HUB,
-                              *self.extra, *args]
+                              *([] if "--json" in args else ["-v"]), *self.extra, *args]
 
     def start(self, args=()):
         # A session of its own, so that the hub and its local children (a local
         # peer's serve, the ssh client) can be killed together.
-        return subprocess.Popen(self.cmd(args), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return Run(self.cmd(args))
 
     def run(self, args=(), limit=180):
         t = time.monotonic()
@@ -290,6 +317,7 @@ class World:
             out, err = p.communicate()
             raise Failure(f"{self.name}: HANG: a run took more than {limit}s; stderr:\n"
                           f"{err[-3000:]}\n{diag}")
+        self.note(f"run {' '.join(args)}", p.returncode, out, err)
         return p.returncode, out, err, time.monotonic() - t
 
     def recover(self, limit_s=90):
@@ -528,6 +556,7 @@ class Suite:
         self.stats = {k: {"trials": 0, "landed": 0, "failures": 0, "lost": 0, "notes": []}
                       for k in KINDS}
         self.failures = []
+        self.world = None
 
     def fail(self, kind, trial, problems, lost=0):
         st = self.stats[kind]
@@ -536,9 +565,18 @@ class Suite:
         text = f"{kind} trial {trial} (seed {self.seed}):\n    " + "\n    ".join(problems[:40])
         self.failures.append(text)
         log("FAIL " + text)
+        if self.world is not None:
+            path = os.path.join(WORK, f"trial-{trial}-runs.log")
+            with open(path, "w") as f:
+                f.write("\n".join(self.world.journal))
+            log(f"  the trial's runs: {path}")
+        if os.environ.get("TORTURE_STOP_ON_FAIL"):
+            raise Failure(f"stopped at the first failure (TORTURE_STOP_ON_FAIL); the "
+                          f"replicas are as the failed trial left them")
 
     def finish_trial(self, kind, trial, world, pre, extra_problems=()):
         """Recovery and every check; returns the problems found."""
+        self.world = world
         problems = list(extra_problems)
         try:
             runs = world.recover()
@@ -568,6 +606,7 @@ class Suite:
 
     def begin(self, world):
         world.base_prev = dict(world.base)
+        world.journal = []
 
     # ---------------------------------------------------------------- crashes
     def crash(self, world, n_hub, n_serve):
@@ -607,7 +646,10 @@ class Suite:
             # with it: sometimes the whole process group goes.
             group = target == 0 and rng.random() < 0.3
             # And sometimes the run after the crash crashes too.
-            again = rng.random() < 0.25
+            again = rng.random() < float(os.environ.get("TORTURE_AGAIN", "0.25"))
+            # Sometimes the next run starts at once, while the killed run's serves may
+            # still hold their locks and finish their batches, as a timer would.
+            hurry = rng.random() < 0.3
             st = self.stats[kind]
             st["trials"] += 1
             t0 = time.monotonic()
@@ -646,7 +688,8 @@ class Suite:
                                     f"{diag}"])
                 hung = True
             dur = time.monotonic() - t0
-            if landed:
+            world.note(f"trial run, kill at {delay:.2f}s (landed: {landed})", p.returncode, out, err)
+            if landed and not hurry:
                 # How long the serves of the dead run hold their locks.
                 t_dead = time.monotonic()
                 while hubsync_pids(world.roots) and time.monotonic() - t_dead < 60:
@@ -673,13 +716,14 @@ class Suite:
                 else:
                     second += f"already over (exit {p2.returncode})"
                 try:
-                    p2.communicate(timeout=60)
+                    o2, e2 = p2.communicate(timeout=60)
                 except subprocess.TimeoutExpired:
                     p2.kill()
-                    p2.communicate()
+                    o2, e2 = p2.communicate()
                     self.fail(kind, t, ["HANG: the run after the crash took more than 60s"])
+                world.note(f"the next run{second}", p2.returncode, o2, e2)
                 t_dead = time.monotonic()
-                while hubsync_pids(world.roots) and time.monotonic() - t_dead < 60:
+                while not hurry and hubsync_pids(world.roots) and time.monotonic() - t_dead < 60:
                     time.sleep(0.02)
             extra = []
             if landed:
@@ -692,7 +736,8 @@ class Suite:
             what = f"r{target} serve" if target else ("hub's process group" if group else "hub")
             log(f"{kind} trial {t}: x{scale} batch, kill {what} "
                 f"at {delay:.2f}s/{span:.2f}s via {'openssh' if openssh else 'libssh2'}: "
-                f"{'killed' if landed else 'run already over'}, exit {p.returncode}{second}")
+                f"{'killed' if landed else 'run already over'}, exit {p.returncode}{second}"
+                f"{'; no wait for its serves' if landed and hurry else ''}")
             self.finish_trial(kind, t, world, pre, extra)
 
     # ---------------------------------------------------------------- network
