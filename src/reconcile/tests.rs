@@ -891,7 +891,7 @@ fn is_consistent(fs: &Fs) -> bool {
 /// Applies a plan to in-memory trees the way the engine would; returns the versions
 /// kept as conflict copies.
 fn apply(plan: &Plan, trees: &mut [Fs], agreed: &mut [Option<Fs>]) -> Vec<Version> {
-    let kept = apply_some(plan, trees, &mut || true);
+    let (kept, _) = apply_some(plan, trees, &mut || true);
     for item in &plan.items {
         for i in &item.agree {
             let a = agreed[i - 1].get_or_insert_with(Fs::new);
@@ -908,18 +908,24 @@ fn apply(plan: &Plan, trees: &mut [Fs], agreed: &mut [Option<Fs>]) -> Vec<Versio
 /// half-way leaves the trees (the engine runs replicas and transfers concurrently,
 /// so any subset can be done). An action the tree cannot take yet (a parent not
 /// made, a directory not yet empty) fails, as `mkdirat` or `rmdir` would.
-fn apply_some(plan: &Plan, trees: &mut [Fs], pick: &mut dyn FnMut() -> bool) -> Vec<Version> {
+fn apply_some(
+    plan: &Plan,
+    trees: &mut [Fs],
+    pick: &mut dyn FnMut() -> bool,
+) -> (Vec<Version>, Vec<Vec<bool>>) {
     let mut kept = Vec::new();
-    let mut pending: Vec<(&Item, usize, Action)> = plan
+    let mut done = vec![vec![false; trees.len()]; plan.items.len()];
+    let mut pending: Vec<(usize, &Item, usize, Action)> = plan
         .items
         .iter()
-        .flat_map(|item| item.actions.iter().map(move |(r, a)| (item, r, a)))
+        .enumerate()
+        .flat_map(|(ii, item)| item.actions.iter().map(move |(r, a)| (ii, item, r, a)))
         .filter(|_| pick())
         .collect();
     // Until nothing more can be done: a directory's removal waits for its contents.
     loop {
         let before = pending.len();
-        pending.retain(|&(item, r, a)| {
+        pending.retain(|&(ii, item, r, a)| {
             let t = &mut trees[r];
             let parent_ok = item
                 .path
@@ -937,13 +943,14 @@ fn apply_some(plan: &Plan, trees: &mut [Fs], pick: &mut dyn FnMut() -> bool) -> 
                 Some(v) => t.insert(item.path.clone(), v.clone()),
                 None => t.remove(&item.path),
             };
+            done[ii][r] = true;
             false
         });
         if pending.len() == before {
             break;
         }
     }
-    kept
+    (kept, done)
 }
 
 fn plan_for(trees: &[Fs], agreed: &[Option<Fs>]) -> Plan {
@@ -1103,7 +1110,7 @@ proptest! {
     #[test]
     fn random_histories_converge_and_lose_nothing(
         rounds in prop::collection::vec(
-            (edits(), 0..4usize, any::<bool>(), prop::option::weighted(0.3, any::<u64>())),
+            (edits(), 0..4usize, any::<bool>(), prop::option::weighted(0.3, (any::<u64>(), 0..8u8))),
             1..7,
         ),
         first_sync in any::<bool>(),
@@ -1136,8 +1143,9 @@ proptest! {
             // Optionally one peer misses this round (absent = 1 or 2).
             let gone = (*absent == 1 || *absent == 2).then_some(*absent);
             let plan = plan_views(&trees, &agreed, gone, *deltas);
-            if let Some(seed) = crash {
-                // Killed mid-run: some actions done, no agreed state moves.
+            if let Some((seed, commits)) = crash {
+                // Killed mid-run (or actions failed): some actions done; the pairs in
+                // `commits` got as far as agreeing on what both sides did.
                 let mut x = *seed | 1;
                 let mut pick = move || {
                     x ^= x << 13;
@@ -1145,7 +1153,20 @@ proptest! {
                     x ^= x << 17;
                     x & 1 == 0
                 };
-                kept.extend(apply_some(&plan, &mut trees, &mut pick));
+                let (k, done) = apply_some(&plan, &mut trees, &mut pick);
+                kept.extend(k);
+                for i in (1..3).filter(|&i| commits & (1 << i) != 0 && gone != Some(i)) {
+                    let a = agreed[i - 1].get_or_insert_with(Fs::new);
+                    for (ii, item) in plan.items.iter().enumerate() {
+                        let ok = |r: usize| item.actions.iter().all(|(x, _)| x != r) || done[ii][r];
+                        if item.agree.contains(i) && ok(0) && ok(i) {
+                            match &item.result {
+                                Some(v) => a.insert(item.path.clone(), v.clone()),
+                                None => a.remove(&item.path),
+                            };
+                        }
+                    }
+                }
             } else {
                 kept.extend(apply(&plan, &mut trees, &mut agreed));
                 // A completed run establishes each present pair's agreed state.
@@ -1391,7 +1412,7 @@ fn a_winner_that_reaches_a_copy_of_the_loser_first_keeps_that_copy() {
     );
     // The run dies after r1's action, before the hub's.
     let mut n = 0;
-    let kept = apply_some(&plan, &mut trees, &mut || {
+    let (kept, _) = apply_some(&plan, &mut trees, &mut || {
         n += 1;
         n == 2
     });
