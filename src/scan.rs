@@ -43,6 +43,32 @@ fn trusted_at(now: Mtime, ctime: Mtime) -> bool {
 }
 const HASH_ATTEMPTS: usize = 3;
 
+/// How long a file that was just emptied stays suspect: an in-place rewrite
+/// (DokuWiki's `fopen('w')` then `fwrite`) empties the file before it writes, and a
+/// read in between is stable yet torn. Copied elsewhere it would show an empty page
+/// there until the next run.
+const EMPTY_SETTLE: Duration = Duration::from_millis(50);
+
+/// Whether an empty file (as `meta` says) is empty for good: if it changed within
+/// [`EMPTY_SETTLE`], waits out the rest of it and checks that nothing was written.
+fn settled_empty(path: &Path, meta: &Metadata) -> bool {
+    let changed = Mtime::new(meta.ctime(), meta.ctime_nsec() as u32).as_nanos();
+    let age = Mtime::now().as_nanos() - changed;
+    let settle = EMPTY_SETTLE.as_nanos() as i128;
+    if age >= settle {
+        return true;
+    }
+    std::thread::sleep(Duration::from_nanos((settle - age.max(0)) as u64));
+    std::fs::symlink_metadata(path).is_ok_and(|now| {
+        now.ino() == meta.ino()
+            && now.len() == 0
+            && now.mtime() == meta.mtime()
+            && now.mtime_nsec() == meta.mtime_nsec()
+            && now.ctime() == meta.ctime()
+            && now.ctime_nsec() == meta.ctime_nsec()
+    })
+}
+
 /// The part of a file's stat that, together with size and mtime, says "unchanged".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct StatKey {
@@ -542,6 +568,9 @@ fn hash_file(path: &Path) -> HashOutcome {
                 && before.ctime() == after.ctime()
                 && before.ctime_nsec() == after.ctime_nsec()
                 && h.count() == after.len();
+            if stable && after.len() == 0 && !settled_empty(path, &after) {
+                return Ok(None);
+            }
             Ok(stable.then(|| (Hash(*h.finalize().as_bytes()), after)))
         })();
         match result {
@@ -602,6 +631,42 @@ mod tests {
                 hash: Hash::of(b"x")
             }
         );
+    }
+
+    #[test]
+    fn a_file_emptied_by_an_in_place_rewrite_is_not_taken_for_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("page.txt");
+        std::fs::write(&p, "old text").unwrap();
+        // fopen('w'): the file is empty now; the rewrite lands a few ms later.
+        let f = File::options().write(true).truncate(true).open(&p).unwrap();
+        let emptied = std::fs::metadata(&p).unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            std::io::Write::write_all(&mut &f, b"new text").unwrap();
+        });
+        let settled = settled_empty(&p, &emptied);
+        writer.join().unwrap();
+        let written = std::fs::metadata(&p).unwrap();
+        let gap = Mtime::new(written.ctime(), written.ctime_nsec() as u32).as_nanos()
+            - Mtime::new(emptied.ctime(), emptied.ctime_nsec() as u32).as_nanos();
+        // Only meaningful if the writer made it within the window (a loaded
+        // machine may delay it past; then "empty" was the truth for a while).
+        if gap < EMPTY_SETTLE.as_nanos() as i128 {
+            assert!(
+                !settled,
+                "an empty file rewritten {gap} ns later was taken as settled"
+            );
+            match hash_file(&p) {
+                HashOutcome::Hashed { meta, .. } => assert_eq!(meta.len(), 8),
+                HashOutcome::Unstable(_) => {}
+                HashOutcome::Gone => panic!("gone"),
+            }
+        }
+        // An empty file left alone is empty.
+        let q = d.path().join("empty.txt");
+        std::fs::write(&q, "").unwrap();
+        assert!(matches!(hash_file(&q), HashOutcome::Hashed { ref meta, .. } if meta.len() == 0));
     }
 
     #[test]
