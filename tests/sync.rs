@@ -1035,3 +1035,80 @@ fn a_winner_that_reaches_a_copy_of_the_losing_edit_first_keeps_that_copy() {
         e.dump()
     );
 }
+
+/// The DokuWiki side of keeping a losing version on every replica that held it: an
+/// external edit made on the hub reached r1 while r2 was away, then lost to a save
+/// made in DokuWiki on r2. Both the hub and r1 make it an old revision; they write
+/// the same revision and the same log, so nothing conflicts afterwards, and r2
+/// gets the same history.
+#[test]
+fn a_losing_external_edit_held_by_two_replicas_becomes_one_revision() {
+    use std::io::Read as _;
+    let e = Env::new(3);
+    let t = now() - 600;
+    let created = format!("{t}\t1.2.3.4\tC\tns:p\talice\tcreated\t\n");
+    for i in 0..3 {
+        e.write(i, "meta/ns/p.changes", &created, t);
+        e.write(i, "pages/ns/p.txt", "v1", t);
+    }
+    let dw = ["--profile", "dokuwiki"];
+    e.sync_ok(&dw);
+    let (ext, save) = (t + 10, t + 20);
+    let away = std::fs::OpenOptions::new()
+        .write(true)
+        .open(e.p(2, ".hubsync/lock"))
+        .unwrap();
+    away.try_lock().unwrap();
+    e.write(0, "pages/ns/p.txt", "edited on disk", ext);
+    e.sync_expect(2, &dw);
+    assert_eq!(e.read(1, "pages/ns/p.txt"), "edited on disk");
+    drop(away);
+    e.write(2, "pages/ns/p.txt", "alice's text", save);
+    e.write(2, &format!("attic/ns/p.{save}.txt.gz"), "gz", save);
+    let line = format!("{save}\t1.2.3.4\tE\tns:p\talice\tsaved\t\n");
+    e.write(2, "meta/ns/p.changes", &(created.clone() + &line), save);
+    let r = e.sync_ok(&dw);
+    assert!(
+        r.stderr().contains("hub's version kept at"),
+        "{}",
+        r.stderr()
+    );
+    assert!(
+        r.stderr().contains("r1's version kept at"),
+        "{}",
+        r.stderr()
+    );
+    e.sync_ok(&dw);
+    let again = e
+        .sync_ok(&["--profile", "dokuwiki", "--dry-run", "--json"])
+        .json();
+    assert_eq!(again["plan"].as_array().map(Vec::len), Some(0), "{again}");
+    for i in 0..3 {
+        assert_eq!(e.read(i, "pages/ns/p.txt"), "alice's text");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(
+            std::fs::File::open(e.p(i, &format!("attic/ns/p.{ext}.txt.gz"))).unwrap(),
+        )
+        .read_to_string(&mut text)
+        .unwrap();
+        assert_eq!(text, "edited on disk", "r{i}");
+        let log = e.read(i, "meta/ns/p.changes");
+        let dates: Vec<&str> = log.lines().map(|l| l.split('\t').next().unwrap()).collect();
+        assert_eq!(
+            dates,
+            [t.to_string(), ext.to_string(), save.to_string()],
+            "r{i}: {log}"
+        );
+    }
+    e.assert_converged();
+    // The page's losing version on the hub and on r1; nothing else conflicted.
+    let kept: Vec<_> = (0..3)
+        .flat_map(|i| find(&e.p(i, ".hubsync/conflicts"), ".conflict-"))
+        .collect();
+    assert_eq!(kept.len(), 2, "{kept:?}\n{}", e.dump());
+    assert!(
+        kept.iter()
+            .all(|k| k.to_string_lossy().contains("p.txt.conflict-")),
+        "{kept:?}"
+    );
+}
