@@ -52,21 +52,23 @@ const EMPTY_SETTLE: Duration = Duration::from_millis(50);
 /// Whether an empty file (as `meta` says) is empty for good: if it changed within
 /// [`EMPTY_SETTLE`], waits out the rest of it and checks that nothing was written.
 fn settled_empty(path: &Path, meta: &Metadata) -> bool {
-    let changed = Mtime::new(meta.ctime(), meta.ctime_nsec() as u32).as_nanos();
-    let age = Mtime::now().as_nanos() - changed;
+    let age = Mtime::now().as_nanos() - StatKey::of(meta).ctime.as_nanos();
     let settle = EMPTY_SETTLE.as_nanos() as i128;
     if age >= settle {
         return true;
     }
     std::thread::sleep(Duration::from_nanos((settle - age.max(0)) as u64));
-    std::fs::symlink_metadata(path).is_ok_and(|now| {
-        now.ino() == meta.ino()
-            && now.len() == 0
-            && now.mtime() == meta.mtime()
-            && now.mtime_nsec() == meta.mtime_nsec()
-            && now.ctime() == meta.ctime()
-            && now.ctime_nsec() == meta.ctime_nsec()
-    })
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|now| now.ino() == meta.ino() && same_stat(&now, meta))
+}
+
+/// Same size, mtime and ctime: nothing was written in between.
+fn same_stat(a: &Metadata, b: &Metadata) -> bool {
+    a.len() == b.len()
+        && a.mtime() == b.mtime()
+        && a.mtime_nsec() == b.mtime_nsec()
+        && a.ctime() == b.ctime()
+        && a.ctime_nsec() == b.ctime_nsec()
 }
 
 /// The part of a file's stat that, together with size and mtime, says "unchanged".
@@ -562,12 +564,7 @@ fn hash_file(path: &Path) -> HashOutcome {
             let mut h = blake3::Hasher::new();
             h.update_reader(&file)?;
             let after = file.metadata()?;
-            let stable = before.len() == after.len()
-                && before.mtime() == after.mtime()
-                && before.mtime_nsec() == after.mtime_nsec()
-                && before.ctime() == after.ctime()
-                && before.ctime_nsec() == after.ctime_nsec()
-                && h.count() == after.len();
+            let stable = same_stat(&before, &after) && h.count() == after.len();
             if stable && after.len() == 0 && !settled_empty(path, &after) {
                 return Ok(None);
             }
@@ -648,8 +645,7 @@ mod tests {
         let settled = settled_empty(&p, &emptied);
         writer.join().unwrap();
         let written = std::fs::metadata(&p).unwrap();
-        let gap = Mtime::new(written.ctime(), written.ctime_nsec() as u32).as_nanos()
-            - Mtime::new(emptied.ctime(), emptied.ctime_nsec() as u32).as_nanos();
+        let gap = StatKey::of(&written).ctime.as_nanos() - StatKey::of(&emptied).ctime.as_nanos();
         // Only meaningful if the writer made it within the window (a loaded
         // machine may delay it past; then "empty" was the truth for a while).
         if gap < EMPTY_SETTLE.as_nanos() as i128 {

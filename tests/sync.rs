@@ -712,7 +712,6 @@ fn the_dokuwiki_profile_lets_the_changelog_decide() {
 /// unless it is newer than the current revision; its conflict copy stays either way.
 #[test]
 fn an_external_edit_that_loses_becomes_a_revision() {
-    use std::io::Read as _;
     let e = Env::new(2);
     let t = now() - 600;
     let created = |id: &str| format!("{t}\t1.2.3.4\tC\t{id}\talice\tcreated\t\n");
@@ -759,20 +758,10 @@ fn an_external_edit_that_loses_becomes_a_revision() {
     for i in 0..2 {
         assert_eq!(e.read(i, "pages/ns/p.txt"), "alice's text");
         // p's external edit is a revision between the creation and alice's save.
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(
-            std::fs::File::open(e.p(i, &format!("attic/ns/p.{ext_p}.txt.gz"))).unwrap(),
-        )
-        .read_to_string(&mut text)
-        .unwrap();
-        assert_eq!(text, "edited on disk", "r{i}");
+        let rev = gunzip(&e.p(i, &format!("attic/ns/p.{ext_p}.txt.gz")));
+        assert_eq!(rev, "edited on disk", "r{i}");
         let log = e.read(i, "meta/ns/p.changes");
-        let dates: Vec<&str> = log.lines().map(|l| l.split('\t').next().unwrap()).collect();
-        assert_eq!(
-            dates,
-            [t.to_string(), ext_p.to_string(), save.to_string()],
-            "r{i}: {log}"
-        );
+        assert_eq!(log_dates(&log), [t, ext_p, save], "r{i}: {log}");
         assert!(
             log.contains(&format!("{ext_p}\t127.0.0.1\tE\tns:p\t\texternal edit\t")),
             "{log}"
@@ -783,6 +772,23 @@ fn an_external_edit_that_loses_becomes_a_revision() {
     }
     let kept = find(&e.p(1, ".hubsync/conflicts"), ".txt.conflict-");
     assert_eq!(kept.len(), 2, "{}", e.dump());
+}
+
+/// A gzip file's text (DokuWiki's attic revisions).
+fn gunzip(path: &std::path::Path) -> String {
+    use std::io::Read as _;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text
+}
+
+/// The leading dates of a DokuWiki changelog's lines.
+fn log_dates(log: &str) -> Vec<i64> {
+    log.lines()
+        .map(|l| l.split('\t').next().unwrap().parse().unwrap())
+        .collect()
 }
 
 /// The hub stops starting transfers for a destination that owes it too many
@@ -1043,7 +1049,6 @@ fn a_winner_that_reaches_a_copy_of_the_losing_edit_first_keeps_that_copy() {
 /// gets the same history.
 #[test]
 fn a_losing_external_edit_held_by_two_replicas_becomes_one_revision() {
-    use std::io::Read as _;
     let e = Env::new(3);
     let t = now() - 600;
     let created = format!("{t}\t1.2.3.4\tC\tns:p\talice\tcreated\t\n");
@@ -1085,20 +1090,10 @@ fn a_losing_external_edit_held_by_two_replicas_becomes_one_revision() {
     assert_eq!(again["plan"].as_array().map(Vec::len), Some(0), "{again}");
     for i in 0..3 {
         assert_eq!(e.read(i, "pages/ns/p.txt"), "alice's text");
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(
-            std::fs::File::open(e.p(i, &format!("attic/ns/p.{ext}.txt.gz"))).unwrap(),
-        )
-        .read_to_string(&mut text)
-        .unwrap();
-        assert_eq!(text, "edited on disk", "r{i}");
+        let rev = gunzip(&e.p(i, &format!("attic/ns/p.{ext}.txt.gz")));
+        assert_eq!(rev, "edited on disk", "r{i}");
         let log = e.read(i, "meta/ns/p.changes");
-        let dates: Vec<&str> = log.lines().map(|l| l.split('\t').next().unwrap()).collect();
-        assert_eq!(
-            dates,
-            [t.to_string(), ext.to_string(), save.to_string()],
-            "r{i}: {log}"
-        );
+        assert_eq!(log_dates(&log), [t, ext, save], "r{i}: {log}");
     }
     e.assert_converged();
     // The page's losing version on the hub and on r1; nothing else conflicted.

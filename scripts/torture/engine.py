@@ -576,7 +576,6 @@ class Suite:
 
     def finish_trial(self, kind, trial, world, pre, extra_problems=()):
         """Recovery and every check; returns the problems found."""
-        self.world = world
         problems = list(extra_problems)
         try:
             runs = world.recover()
@@ -607,6 +606,7 @@ class Suite:
     def begin(self, world):
         world.base_prev = dict(world.base)
         world.journal = []
+        self.world = world  # whose journal a failure of this trial writes out
 
     # ---------------------------------------------------------------- crashes
     def crash(self, world, n_hub, n_serve):
