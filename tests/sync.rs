@@ -892,6 +892,16 @@ fn a_crash_just_after_replacing_a_conflicts_loser_keeps_the_loser() {
     c.env("HUBSYNC_TEST_ABORT_AFTER_EXCHANGE", "1");
     let r = run(c);
     assert_ne!(r.code(), 0, "the hook did not fire:\n{}", r.stderr());
+    // The aborted hub's serve holds r1's lock until it reads EOF; a run started
+    // before that is refused for r1 (seen on CI), which is not what this tests.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while serve_pid(&e.r(1)).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the serve outlived its hub by 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     e.sync_ok(&[]);
     assert_eq!(e.read(0, "page.txt"), "peer's later edit");
     let kept = find(&e.p(0, ".hubsync/conflicts"), "page.txt.conflict-");
