@@ -364,10 +364,10 @@ fn clock_skew_is_reported_and_stops_conflict_resolution_only() {
     assert_eq!(std::fs::read(hub.join("shared")).unwrap(), b"peer edit");
 }
 
-fn temps(root: &Path) -> Vec<String> {
-    listing_all(root)
-        .into_keys()
-        .filter(|p| p.contains(".hubsync.") && p.ends_with(".tmp"))
+fn temps(root: &Path) -> Vec<PathBuf> {
+    find(root, ".hubsync.")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
         .collect()
 }
 

@@ -256,10 +256,26 @@ pub fn bytes_of(root: &Path, skip: &[&str]) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// Files under `dir` whose name contains `needle`.
+/// Tests also poll with this while a run writes under `dir`, so entries that
+/// vanish between listing and looking (temp files renamed, the lock removed) are
+/// skipped rather than fatal.
 pub fn find(dir: &Path, needle: &str) -> Vec<PathBuf> {
-    listing_all(dir)
-        .keys()
-        .filter(|p| p.contains(needle))
-        .map(|p| dir.join(p))
-        .collect()
+    fn walk(root: &Path, rel: &Path, needle: &str, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(root.join(rel)) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let r = rel.join(e.file_name());
+            if r.to_string_lossy().contains(needle) {
+                out.push(root.join(&r));
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(root, &r, needle, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), needle, &mut out);
+    out.sort();
+    out
 }
