@@ -255,27 +255,21 @@ pub fn bytes_of(root: &Path, skip: &[&str]) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-/// Files under `dir` whose name contains `needle`.
+/// Files under `dir` whose path below it contains `needle`.
+///
 /// Tests also poll with this while a run writes under `dir`, so entries that
 /// vanish between listing and looking (temp files renamed, the lock removed) are
 /// skipped rather than fatal.
 pub fn find(dir: &Path, needle: &str) -> Vec<PathBuf> {
-    fn walk(root: &Path, rel: &Path, needle: &str, out: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(root.join(rel)) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let r = rel.join(e.file_name());
-            if r.to_string_lossy().contains(needle) {
-                out.push(root.join(&r));
-            }
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                walk(root, &r, needle, out);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, Path::new(""), needle, &mut out);
-    out.sort();
-    out
+    walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let rel = e.path().strip_prefix(dir).unwrap_or(e.path());
+            rel.to_string_lossy().contains(needle)
+        })
+        .map(walkdir::DirEntry::into_path)
+        .collect()
 }
